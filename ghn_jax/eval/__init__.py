@@ -1,0 +1,1 @@
+"""Parts of the evaluation: networks, GHN loading, data and reports."""

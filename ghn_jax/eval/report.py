@@ -1,0 +1,182 @@
+"""Results of an evaluation as a JSON file and a markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+
+
+def write_json(results: Mapping[str, Any], path: str) -> None:
+  """Write `results` as indented JSON; NaN becomes null."""
+
+  def clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+      return None
+    if isinstance(value, Mapping):
+      return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+      return [clean(v) for v in value]
+    return value
+
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(clean(results), f, indent=1)
+    f.write("\n")
+
+
+def _percent(summary: Mapping[str, Any] | None) -> str:
+  """Format a summary of accuracies as 'mean +- std' in percent."""
+  if not summary or not summary.get("n") or summary["mean"] is None:
+    return "-"
+  if not math.isfinite(summary["mean"]):
+    return "-"
+  return f"{100 * summary['mean']:.1f} +- {100 * summary['std']:.1f}"
+
+
+def _value(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+  """Format a number, or '-' when missing or not finite."""
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  return f"{scale * value:.{digits}f}"
+
+
+def _params(count: int) -> str:
+  """Format a parameter count as e.g. '1.25M' or '84.0K'."""
+  if count >= 1_000_000:
+    return f"{count / 1e6:.2f}M"
+  return f"{count / 1e3:.1f}K"
+
+
+def _sgd_columns(records: Sequence[Mapping[str, Any]]) -> list[int]:
+  """Step counts of the SGD curves (without step 0)."""
+  for record in records:
+    if "sgd" in record:
+      return list(record["sgd"]["steps"][1:])
+  return []
+
+
+def format_split_table(results: Mapping[str, Any]) -> str:
+  """Format the per-split summary as a markdown table."""
+  calibrated = results["meta"].get("bn_calibrate", 0) > 0
+  header = ["split", "nets", "params (mean)", "GHN top-1 %", "random top-1 %"]
+  if calibrated:
+    header += ["GHN top-1 % (calibrated BN)", "random top-1 % (calibrated BN)"]
+  header.append("prediction s")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for split, summary in results["summary"]["splits"].items():
+    row = [
+      split,
+      str(summary["num_params"]["n"]),
+      _params(int(summary["num_params"]["mean"])),
+      _percent(summary.get("ghn_top1")),
+      _percent(summary.get("random_top1")),
+    ]
+    if calibrated:
+      row += [
+        _percent(summary.get("ghn_top1_calibrated")),
+        _percent(summary.get("random_top1_calibrated")),
+      ]
+    row.append(_value(summary.get("predict_seconds", {}).get("mean"), 1, 3))
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def format_network_table(results: Mapping[str, Any]) -> str:
+  """Format one row per network as a markdown table."""
+  records = results["networks"]
+  sgd_steps = _sgd_columns(records)
+  header = ["network", "params", "nodes", "GHN %", "random %"]
+  header += [f"SGD {k} %" for k in sgd_steps]
+  if sgd_steps:
+    header.append("GHN = SGD steps")
+  header.append("prediction s")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for record in records:
+    row = [
+      record["name"],
+      _params(record["num_params"]),
+      str(record.get("num_nodes") or "-"),
+      _value(record.get("ghn", {}).get("top1"), 100),
+      _value(record["random"]["top1"], 100),
+    ]
+    sgd = record.get("sgd")
+    if sgd_steps:
+      curve = sgd["top1"][1:] if sgd else [None] * len(sgd_steps)
+      row += [_value(v, 100) for v in curve]
+      row.append(_equivalent(sgd) if sgd else "-")
+    row.append(_value(record.get("predict_seconds"), 1, 3))
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def _equivalent(sgd: Mapping[str, Any]) -> str:
+  """Format the SGD steps a GHN prediction is worth, e.g. '< 1' or '37'."""
+  steps = sgd.get("ghn_equivalent_steps")
+  if steps is None:
+    return "-"
+  relation = sgd["ghn_equivalent_relation"]
+  prefix = "" if relation == "=" else relation + " "
+  return f"{prefix}{steps:,.0f}"
+
+
+def format_markdown(results: Mapping[str, Any]) -> str:
+  """Format the whole report: settings, per-split and per-network tables."""
+  meta = results["meta"]
+  lines = [
+    "# GHN evaluation",
+    "",
+    f"- date: {meta['date']}; machine: {meta['machine']}",
+    f"- checkpoint: `{meta['checkpoint']}`",
+    f"- dataset: {meta['dataset']} ({meta['test_images']} test images, "
+    f"{meta['image_size']}x{meta['image_size']}, "
+    f"{meta['num_classes']} classes)",
+    f"- batch norm: statistics of each test batch of "
+    f"{meta['test_batch_size']}"
+    + (
+      f"; calibrated: running statistics from {meta['bn_calibrate']} "
+      "training batches"
+      if meta.get("bn_calibrate")
+      else ""
+    ),
+    "",
+    "## Per split (mean +- std over networks)",
+    "",
+    format_split_table(results),
+    "",
+  ]
+  sgd = results["summary"]["sgd"]
+  if sgd.get("num_nets"):
+    lines += [
+      "## SGD from random initialisation",
+      "",
+      f"{sgd['num_nets']} networks; mean top-1 % after "
+      + ", ".join(
+        f"{k} steps: {100 * a:.1f}"
+        for k, a in zip(sgd["steps"], sgd["mean_top1"], strict=True)
+      )
+      + ".",
+    ]
+    if "ghn_equivalent_steps" in sgd:
+      lines += [
+        "",
+        f"The GHN's mean top-1 on the same networks "
+        f"({100 * sgd['ghn_mean_top1']:.1f} %) equals "
+        f"{_equivalent(sgd)} SGD steps (log-interpolated; the GHN-2 paper "
+        "reports about 2,500 on CIFAR-10).",
+      ]
+    lines.append("")
+  lines += ["## Per network", "", format_network_table(results), ""]
+  return "\n".join(lines)
+
+
+def write_markdown(results: Mapping[str, Any], path: str) -> None:
+  """Write `format_markdown(results)` to `path`."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write(format_markdown(results))

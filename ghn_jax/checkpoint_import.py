@@ -81,7 +81,9 @@ def _rebuild_tensor_v2(
   itemsize = flat.dtype.itemsize
   if not size:
     return flat[storage_offset].copy()
-  extent = storage_offset + sum((s - 1) * st for s, st in zip(size, stride))
+  extent = storage_offset + sum(
+    (s - 1) * st for s, st in zip(size, stride, strict=True)
+  )
   if min(size) > 0 and extent >= flat.size:
     raise ValueError(
       f"tensor of size {tuple(size)} and stride {tuple(stride)} reads past "

@@ -46,8 +46,8 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from ghn_jax import graph as graph_lib
 from ghn_jax import ghn_inputs
+from ghn_jax import graph as graph_lib
 
 Array = jax.Array
 PyTree = Any
@@ -557,7 +557,7 @@ def prepare_inputs(
   )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_apply(config: GHNConfig) -> Callable:
   """One jitted GHN forward per config (JAX caches one compile per bucket)."""
   return jax.jit(GHN(config).apply)

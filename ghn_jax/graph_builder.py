@@ -146,11 +146,48 @@ class _Node:
 
 @dataclasses.dataclass(frozen=True)
 class _ModuleInfo:
-  """The module behind one intercepted method call."""
+  """The module behind one intercepted method call.
+
+  `window` is the pooling window of a declared pooling module (its `window`
+  attribute), or None.
+  """
 
   path: str
   cls: type
   primitive: str | None
+  window: int | None = None
+
+  @property
+  def is_unit(self) -> bool:
+    """Whether the module's call becomes nodes as a whole (see below)."""
+    if self.primitive in _POOL_PRIMITIVES:
+      return self.window is not None
+    return self.primitive in _UNIT_PRIMITIVES
+
+
+# Modules declaring one of these `ghn_primitive`s become nodes as a whole:
+# their parameters by name (`bias` -> bias node or norm extra, any other ->
+# the declared node type) and their inputs and output at the call boundary,
+# whatever ops they compute with inside (e.g. a depthwise conv written as
+# shifted multiply-adds). Declared modules without parameters of their own
+# (attention, squeeze-excitation blocks) only scope the rules above.
+_UNIT_PRIMITIVES = frozenset(
+  {"conv", "sep_conv", "dil_conv", "bn", "ln", "pos_enc", "bias"}
+)
+_POOL_PRIMITIVES = frozenset({"max_pool", "avg_pool"})
+_BIAS_NAMES = ("bias",)
+
+
+def _boundary_abstract_eval(out, *inputs, token):
+  del inputs, token
+  return out
+
+
+# Identity on its first operand, placed after the call of a unit module so
+# that the traced program shows the call's inputs and output in one place.
+_boundary_p = jax.extend.core.Primitive("ghn_module_boundary")
+_boundary_p.def_impl(lambda out, *inputs, token: out)
+_boundary_p.def_abstract_eval(_boundary_abstract_eval)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +300,17 @@ class _Tracer:
     kinds = [self._value_kind(v) for v in eqn.invars]
     acts = [value for kind, value in kinds if kind == "act"]
     refs = [value for kind, value in kinds if kind == "param"]
+
+    if name == _boundary_p.name:
+      _handle_unit(self, eqn, kinds, self.modules[eqn.params["token"]])
+      return
+    if any(self.modules[t].is_unit for t in scopes if t in self.modules):
+      # Inside a unit module: nodes come from its boundary equation.
+      if acts:
+        self._forward(eqn, _union(acts), scopes)
+      elif refs:
+        self._forward_param(eqn, refs)
+      return
 
     sub = _sub_jaxpr(eqn)
     if sub is not None and name not in _OPAQUE_PRIMITIVES:
@@ -402,6 +450,87 @@ class _Tracer:
 
 
 # Equation handlers: each returns True when it consumed the equation.
+
+
+def _handle_unit(tracer: _Tracer, eqn, kinds, info: _ModuleInfo) -> None:
+  """Create the nodes of a unit module from its parameters' names."""
+  inputs = _union([v for k, v in kinds[1:] if k == "act"])
+  out = eqn.outvars[0]
+  if info.primitive in _POOL_PRIMITIVES:
+    shape = (1, 1, info.window, info.window)
+    node = tracer.add_node(_Node(info.primitive, shape, name=info.path), inputs)
+    tracer.frontier[out] = frozenset([node])
+    return
+  own = [p for p in tracer.param_shapes if tracer.owner[p] == info.path]
+  biases = [p for p in own if p.rsplit("/", 1)[-1] in _BIAS_NAMES]
+  mains = [p for p in own if p not in biases]
+  for extra in mains[1:] + biases[1:]:
+    tracer.mark_unsupported(
+      extra, f"a second weight of a `{info.primitive}` module"
+    )
+  frontier = inputs
+  main_node = None
+  if mains and tracer.claim_param(_ParamRef(mains[0], None), info.primitive):
+    main_node = _unit_main_node(tracer, mains[0], info.primitive, inputs)
+    frontier = frozenset([main_node])
+  if biases and main_node is not None and info.primitive in NORM_PRIMITIVES:
+    tracer.nodes[main_node].extra = biases[0]
+  elif biases and tracer.claim_param(_ParamRef(biases[0], None), "bias"):
+    node = tracer.add_node(
+      _Node(
+        "bias",
+        (math.prod(tracer.param_shapes[biases[0]]),),
+        (0,),
+        param=biases[0],
+        name=biases[0],
+      ),
+      frontier,
+    )
+    tracer.param_node[biases[0]] = node
+    frontier = frozenset([node])
+  tracer.frontier[out] = frontier
+
+
+def _unit_main_node(tracer: _Tracer, path: str, op: str, inputs) -> int:
+  """Create the node of a unit module's main parameter; return its index."""
+  shape = tracer.param_shapes[path]
+  ndim = len(shape)
+  if op == "pos_enc":
+    ghn_axes = (0, ndim - 1) + tuple(range(1, ndim - 1)) if ndim >= 2 else (0,)
+    node = _Node("pos_enc", name=path, param=path)
+    node.shape = tuple(int(shape[a]) for a in ghn_axes)
+    node.perm = _inverse(ghn_axes)
+    pos = tracer.add_node(node, frozenset())
+    tracer.param_node[path] = pos
+    return tracer.add_node(_Node("sum", name="sum"), inputs | {pos})
+  if ndim == 4:
+    ghn_axes = (3, 2, 0, 1)  # HWIO -> (out, in, h, w).
+  elif ndim == 2:
+    ghn_axes = (1, 0)  # (in, out) -> (out, in).
+  else:
+    ghn_axes = tuple(range(ndim))
+  if op in NORM_PRIMITIVES or op == "bias":
+    ghn_axes = tuple(range(ndim))
+  node = tracer.add_node(
+    _Node(
+      op,
+      tuple(int(shape[a]) for a in ghn_axes),
+      _inverse(ghn_axes),
+      param=path,
+      name=path,
+    ),
+    inputs,
+  )
+  tracer.param_node[path] = node
+  return node
+
+
+def _inverse(axes: Sequence[int]) -> tuple[int, ...]:
+  """Return the permutation that undoes `axes`."""
+  inverse = [0] * len(axes)
+  for i, axis in enumerate(axes):
+    inverse[axis] = i
+  return tuple(inverse)
 
 
 def _handle_conv(tracer: _Tracer, eqn, kinds, scopes) -> bool:
@@ -785,11 +914,25 @@ def trace_model(
     module = context.module
     token = f"{_SCOPE_PREFIX}{next(counter)}"
     path = "/".join(str(p) for p in module.path) if module.path else ""
-    modules[token] = _ModuleInfo(
-      path, type(module), getattr(type(module), "ghn_primitive", None)
+    window = getattr(module, "window", None)
+    info = _ModuleInfo(
+      path,
+      type(module),
+      getattr(type(module), "ghn_primitive", None),
+      window if isinstance(window, int) else None,
     )
+    modules[token] = info
     with jax.named_scope(token):
-      return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
+    if info.is_unit and context.method_name == "__call__":
+      arrays = [
+        a
+        for a in jax.tree_util.tree_leaves((args, kwargs))
+        if isinstance(a, jax.Array)
+      ]
+      if isinstance(out, jax.Array):
+        out = _boundary_p.bind(out, *arrays, token=token)
+    return out
 
   def apply_fn(variables, x):
     with nn.intercept_methods(interceptor):

@@ -951,8 +951,12 @@ def build_graph_with_report(
   input_dtype: Any = jnp.float32,
   apply_kwargs: Mapping[str, Any] | None = None,
   strict: bool = False,
+  trace: bool = False,
 ) -> tuple[graph_lib.Graph, GraphReport]:
   """Build the GHN-2 computational graph of a Flax model.
+
+  A DeepNets-1M `Network` gets its graph from its config
+  (`graph_deepnets`, the same graph ~300x faster) unless `trace` is set.
 
   Args:
     model: a Flax linen module whose `__call__` takes one input array.
@@ -965,6 +969,7 @@ def build_graph_with_report(
     apply_kwargs: extra keyword arguments of `model.apply`, e.g.
       {'train': False}.
     strict: raise instead of warning when a parameter cannot be predicted.
+    trace: always trace, even a DeepNets-1M `Network`.
 
   Returns:
     `(graph, report)`.
@@ -978,6 +983,10 @@ def build_graph_with_report(
     raise ValueError(
       "input_shape is required, e.g. (1, 32, 32, 3) for CIFAR-10 images."
     )
+  if not trace and _is_deepnets_network(model, input_shape):
+    from ghn_jax import graph_deepnets  # Imports this module.
+
+    return graph_deepnets.build_deepnets_graph_with_report(model.config)
   x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   if variables is None:
     variables = jax.eval_shape(
@@ -991,7 +1000,21 @@ def build_graph_with_report(
   )
   closed, modules = trace_model(model, abstract, x, apply_kwargs)
   tracer, output_nodes = _walk_traced(closed, abstract, modules)
-  return _finish(tracer, output_nodes, abstract["params"], strict)
+  param_sizes = {
+    path: math.prod(np.shape(leaf))
+    for path, leaf in _param_leaves(abstract["params"]).items()
+  }
+  return _finish(tracer, output_nodes, param_sizes, strict)
+
+
+def _is_deepnets_network(model: nn.Module, input_shape) -> bool:
+  """Whether `model` is a DeepNets-1M `Network` fed its expected input."""
+  from ghn_jax.deepnets1m import net  # Imported on use: a heavy package.
+
+  if type(model) is not net.Network:
+    return False
+  size = model.config.input_size
+  return tuple(input_shape)[1:] == (size, size, 3)
 
 
 def build_graph(
@@ -1002,6 +1025,7 @@ def build_graph(
   input_dtype: Any = jnp.float32,
   apply_kwargs: Mapping[str, Any] | None = None,
   strict: bool = False,
+  trace: bool = False,
 ) -> graph_lib.Graph:
   """Build the GHN-2 graph of a Flax model (see `build_graph_with_report`)."""
   graph, _ = build_graph_with_report(
@@ -1011,6 +1035,7 @@ def build_graph(
     input_dtype=input_dtype,
     apply_kwargs=apply_kwargs,
     strict=strict,
+    trace=trace,
   )
   return graph
 
@@ -1044,8 +1069,20 @@ def _walk_traced(closed, variables, modules):
   return tracer, frontier
 
 
-def _finish(tracer: _Tracer, output_nodes, params, strict: bool):
-  """Prune, order and pack the nodes; report what each parameter became."""
+def _finish(
+  tracer: _Tracer,
+  output_nodes: frozenset[int],
+  param_sizes: Mapping[str, int],
+  strict: bool,
+) -> tuple[graph_lib.Graph, GraphReport]:
+  """Prune, order and pack the nodes; report what each parameter became.
+
+  Args:
+    tracer: the nodes and edges collected from the program.
+    output_nodes: the nodes the model's output is computed from.
+    param_sizes: number of values of each parameter of the model, by path.
+    strict: raise instead of warning about unsupported parameters.
+  """
   keep = _ancestors(output_nodes, tracer.edges, len(tracer.nodes))
   edges = [(s, r) for s, r in tracer.edges if s in keep and r in keep]
   order = [i for i in _topological_order(len(tracer.nodes), edges) if i in keep]
@@ -1056,7 +1093,6 @@ def _finish(tracer: _Tracer, output_nodes, params, strict: bool):
   edge_order = np.lexsort((receivers, senders))
   graph = _pack(nodes, senders[edge_order], receivers[edge_order])
 
-  leaves = _param_leaves(params)
   predicted = [n.param for n in nodes if n.param] + [
     n.extra for n in nodes if n.extra
   ]
@@ -1068,9 +1104,11 @@ def _finish(tracer: _Tracer, output_nodes, params, strict: bool):
     if path in predicted_set:
       unsupported.setdefault(path, reason)
   pruned = tuple(
-    sorted(p for p in leaves if p not in predicted_set and p not in unsupported)
+    sorted(
+      p for p in param_sizes if p not in predicted_set and p not in unsupported
+    )
   )
-  sizes = {p: math.prod(np.shape(leaf)) for p, leaf in leaves.items()}
+  sizes = param_sizes
   report = GraphReport(
     predicted_params=tuple(sorted(predicted_set)),
     pruned_params=pruned,

@@ -289,22 +289,20 @@ def _gru_apply(p: dict[str, Array], inputs: Array, h: Array) -> Array:
   return (1.0 - z) * n + z * h
 
 
-def _sweep(
-  h: Array,
-  gnn: dict,
-  tables: tuple[Array, Array, Array, Array],
-  reverse: bool,
-) -> Array:
-  """Update all nodes level by level (forward or backward sweep, Eq. 3-4).
+def _gated_gnn(h: Array, gnn: dict, inputs: dict, num_sweeps: int) -> Array:
+  """Run `num_sweeps` forward + backward sweeps (GHN-2 paper, Eq. 3-4).
 
-  After a node is updated, its outgoing messages mlp(h) and mlp_ve(h) are
-  stored, so a later level reads them instead of recomputing the MLPs per
-  edge; every neighbour read was updated earlier in the same sweep.
+  `inputs["sweep_*"]` list, step by step, the nodes of one topological
+  level and the padded edges each reads: incoming edges for the levels of
+  the forward sweep, then outgoing edges in reverse level order for the
+  backward sweep. After a node is updated, its outgoing messages mlp(h) and
+  mlp_ve(h) are stored, so later steps read them instead of recomputing the
+  MLPs per edge; every neighbour read was updated earlier in the same sweep.
   """
   message_mlp = gnn["message_mlp"]
   virtual_mlp = gnn.get("virtual_message_mlp")
-  messages = _mlp_apply(message_mlp, h)
-  virtual = _mlp_apply(virtual_mlp, h) if virtual_mlp else None
+  messages = jnp.zeros_like(h)
+  virtual = jnp.zeros_like(h) if virtual_mlp else None
 
   def step(carry, xs):
     h, messages, virtual = carry
@@ -324,9 +322,12 @@ def _sweep(
       )
     return (h, messages, virtual), None
 
-  (h, _, _), _ = jax.lax.scan(
-    step, (h, messages, virtual), tables, reverse=reverse
+  xs = tuple(
+    inputs[f"sweep_{k}"] for k in ("nodes", "index", "real", "virtual")
   )
+  if num_sweeps > 1:
+    xs = tuple(jnp.concatenate([x] * num_sweeps) for x in xs)
+  (h, _, _), _ = jax.lax.scan(step, (h, messages, virtual), xs)
   return h
 
 
@@ -402,16 +403,7 @@ class GHN(nn.Module):
       gnn = {"message_mlp": self.message_mlp(), "gru": self.gru()}
       if cfg.virtual_edges:
         gnn["virtual_message_mlp"] = self.virtual_message_mlp()
-      nodes = inputs["level_nodes"]
-      forward = tuple(
-        inputs[f"forward_{k}"] for k in ("index", "real", "virtual")
-      )
-      backward = tuple(
-        inputs[f"backward_{k}"] for k in ("index", "real", "virtual")
-      )
-      for _ in range(cfg.num_sweeps):
-        x = _sweep(x, gnn, (nodes, *forward), reverse=False)
-        x = _sweep(x, gnn, (nodes, *backward), reverse=True)
+      x = _gated_gnn(x, gnn, inputs, cfg.num_sweeps)
     else:
       x = _mlp_apply(self.node_mlp(), x)
     x_gnn = x
@@ -557,10 +549,18 @@ def prepare_inputs(
   )
 
 
+# XLA options of the jitted GHN forward. The forward is dominated by matrix
+# products (library calls), so LLVM's optimisation of the generated code
+# speeds it up little but doubles the compile time on CPU (ResNet-50 graph on
+# a 2-core x86 machine: compile 0.39 s instead of 0.68 s, run ~10 ms both).
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 @functools.cache
 def _jitted_apply(config: GHNConfig) -> Callable:
   """One jitted GHN forward per config (JAX caches one compile per bucket)."""
-  return jax.jit(GHN(config).apply)
+  options = COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return jax.jit(GHN(config).apply, compiler_options=options)
 
 
 def apply_jit(ghn: GHN, variables: PyTree, inputs: dict) -> dict:
@@ -637,8 +637,7 @@ def predict_params(
   """
   inputs, plans = prepare_inputs(ghn.config, [graph])
   outputs = jax.device_get(apply_jit(ghn, ghn_params, inputs))
-  params = assemble_params(outputs, plans[0], np)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  params = jax.device_put(assemble_params(outputs, plans[0], np))
   if params_template is not None:
     params = _merge_template(params, params_template)
   return params

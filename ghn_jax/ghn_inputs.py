@@ -565,15 +565,18 @@ def prepare_batch(
   level_nodes = np.full((pad_levels, pad_width), num_nodes, np.int32)
   level_nodes[slot[:, 0], slot[:, 1]] = np.arange(total)
 
+  # One table for both sweeps: the forward sweep reads incoming edges level
+  # by level, then the backward sweep reads outgoing edges in reverse level
+  # order, so the GHN runs both in a single scan.
   in_degree = np.bincount(receivers, minlength=total).max(initial=0)
   out_degree = np.bincount(senders, minlength=total).max(initial=0)
-  in_shape = (pad_levels, pad_width, bucket(max(in_degree, 1), _MIN_SLOTS))
-  out_shape = (pad_levels, pad_width, bucket(max(out_degree, 1), _MIN_SLOTS))
+  degree = bucket(max(in_degree, out_degree, 1), _MIN_SLOTS)
+  table_shape = (pad_levels, pad_width, degree)
   fwd = _neighbour_table(
-    receivers, senders, weight, slot, in_shape, sizes.virtual_edges
+    receivers, senders, weight, slot, table_shape, sizes.virtual_edges
   )
   bwd = _neighbour_table(
-    senders, receivers, weight, slot, out_shape, sizes.virtual_edges
+    senders, receivers, weight, slot, table_shape, sizes.virtual_edges
   )
 
   builder = _PlanBuilder(sizes)
@@ -584,13 +587,10 @@ def prepare_batch(
   inputs = {
     "node_ops": ops,
     "shape_index": np.zeros((num_nodes, 4), np.int32),
-    "level_nodes": level_nodes,
-    "forward_index": fwd[0],
-    "forward_real": fwd[1],
-    "forward_virtual": fwd[2],
-    "backward_index": bwd[0],
-    "backward_real": bwd[1],
-    "backward_virtual": bwd[2],
+    "sweep_nodes": np.concatenate([level_nodes, level_nodes[::-1]]),
+    "sweep_index": np.concatenate([fwd[0], bwd[0][::-1]]),
+    "sweep_real": np.concatenate([fwd[1], bwd[1][::-1]]),
+    "sweep_virtual": np.concatenate([fwd[2], bwd[2][::-1]]),
   }
   inputs["shape_index"][:] = shape_indices(
     shapes, num_classes, sizes.max_shape[3]
@@ -705,6 +705,9 @@ def _tile_to(x: Any, shape: tuple[int, ...], xp: Any) -> Any:
 def assemble_tensor(outputs: dict, plan: TensorPlan, xp: Any = np) -> Any:
   """Cut, tile and transpose one predicted tensor out of decoder outputs.
 
+  The small decoded block is transposed into the parameter's layout first
+  and tiled afterwards, so the large result is written once, contiguously.
+
   Args:
     outputs: decoder outputs of `ghn_jax.ghn.GHN` (NumPy or JAX arrays).
     plan: the tensor's plan.
@@ -714,11 +717,11 @@ def assemble_tensor(outputs: dict, plan: TensorPlan, xp: Any = np) -> Any:
     The tensor in the parameter's layout (`plan.perm` applied).
   """
   if plan.kind == VECTOR:
-    x = _tile_to(outputs["vector"][plan.index, plan.row], plan.shape, xp)
+    x = outputs["vector"][plan.index, plan.row]
   elif plan.kind == CLASS_BIAS:
-    x = _tile_to(outputs["class_bias"][plan.index, plan.row], plan.shape, xp)
+    x = outputs["class_bias"][plan.index, plan.row]
   elif plan.kind == CLASS_WEIGHT:
-    x = _tile_to(outputs["class_weight"][plan.index], plan.shape, xp)
+    x = outputs["class_weight"][plan.index]
   else:
     kh, kw = plan.kernel
     out_ch, in_ch = plan.channels
@@ -728,7 +731,10 @@ def assemble_tensor(outputs: dict, plan: TensorPlan, xp: Any = np) -> Any:
     x = xp.transpose(x, (2, 3, 0, 1))
     if len(plan.shape) == 2:
       x = x[:, :, 0, 0]
-    x = _tile_to(x, plan.shape, xp)
+  shape = plan.shape
+  crop = tuple(slice(0, min(t, s)) for t, s in zip(shape, x.shape, strict=True))
+  x = x[crop]
   if plan.perm != tuple(range(len(plan.perm))):
     x = xp.transpose(x, plan.perm)
-  return x
+    shape = tuple(shape[p] for p in plan.perm)
+  return _tile_to(x, shape, xp)

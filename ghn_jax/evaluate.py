@@ -54,6 +54,9 @@ SGD_MOMENTUM = 0.9
 SGD_WEIGHT_DECAY = 3e-4
 SGD_GRAD_CLIP_NORM = 5.0
 
+# Name of the positional-encoding leaf in DeepNets-1M ViT-style networks.
+POS_ENC_LEAF = "embedding"
+
 # SGD steps that one forward pass of GHN-2 is worth on CIFAR-10, as reported
 # in the GHN-2 paper (abstract and Sec. 5.1).
 PAPER_SGD_EQUIVALENT_STEPS = 2500
@@ -305,7 +308,8 @@ def random_init_params(params: Params, rng: jax.Array) -> Params:
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for `nn.Conv2d` and
   `nn.Linear` (kaiming-uniform with a=sqrt(5)), which the GHN-2 paper's
   random-initialisation baseline used. A 1-D bias next to a kernel is drawn
-  from the same range; norm-layer scales are 1 and other 1-D leaves 0.
+  from the same range; norm-layer scales are 1, positional encodings
+  (leaves named 'embedding') N(0, 1) and other 1-D leaves 0.
 
   Args:
     params: pytree of arrays (a nested dict as Flax makes).
@@ -325,10 +329,13 @@ def random_init_params(params: Params, rng: jax.Array) -> Params:
   for key, (path, value) in zip(keys, sorted(flat.items()), strict=False):
     shape, dtype = np.shape(value), jnp.asarray(value).dtype
     module, _, leaf = path.rpartition("/")
-    if len(shape) >= 2:
+    if len(shape) >= 2 and leaf != POS_ENC_LEAF:
       bound = 1.0 / math.sqrt(max(_fan_in(shape), 1))
     elif leaf == "scale":
       new_flat[path] = jnp.ones(shape, dtype)
+      continue
+    elif leaf == POS_ENC_LEAF:
+      new_flat[path] = jax.random.normal(key, shape, dtype)
       continue
     elif leaf == "bias" and module in fan_in_of_module:
       bound = 1.0 / math.sqrt(max(fan_in_of_module[module], 1))

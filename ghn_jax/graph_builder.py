@@ -275,6 +275,9 @@ class _Tracer:
     return None
 
   def mark_unsupported(self, path: str, reason: str) -> None:
+    cls = self._unsupported_class(path)
+    if cls is not None:
+      reason = f"{cls.__name__} is not a layer type of GHN-2"
     self.unsupported.setdefault(path, reason)
 
   # Equation walking.
@@ -1009,7 +1012,10 @@ def build_graph_with_report(
       x,
     )
   if "params" not in variables:
-    raise ValueError("variables has no 'params' collection.")
+    raise ValueError(
+      "variables has no 'params' collection: the model has no parameters "
+      "for a GHN to predict."
+    )
   abstract = jax.tree_util.tree_map(
     lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), dict(variables)
   )

@@ -14,6 +14,7 @@ stem convolution and no stem max pooling.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -283,17 +284,16 @@ class ZooEntry:
   input_shape: tuple[int, ...] = CIFAR_INPUT_SHAPE
 
 
-def _darts(num_classes: int = 10, channels: int = 36, num_cells: int = 20):
-  """The DARTS network from the DeepNets-1M package's DARTS genotype."""
-  from ghn_jax.deepnets1m import genotypes, net  # Imported on use.
+def _darts(num_classes: int = 10, imagenet: bool = False) -> nn.Module:
+  """The DARTS network of the DeepNets-1M package (its DARTS genotype).
 
-  config = net.NetConfig(
-    genotype=genotypes.DARTS,
-    channels=channels,
-    num_classes=num_classes,
-    num_cells=num_cells,
-  )
-  return net.Network(config)
+  36 channels and 20 cells for CIFAR, 48 channels, 14 cells and the DARTS
+  stem for ImageNet, as in the original's `examples/darts.py`.
+  """
+  from ghn_jax.deepnets1m import net, sampler  # Imported on use.
+
+  config = sampler.predefined_configs(imagenet_input=imagenet)["DARTS"]
+  return net.Network(config.replace(num_classes=num_classes))
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -313,6 +313,9 @@ ZOO: dict[str, ZooEntry] = {
   "mobilenet": ZooEntry(lambda **kw: MobileNet(**kw)),
   "convnext_tiny": ZooEntry(lambda **kw: ConvNeXt(**kw)),
   "darts": ZooEntry(_darts),
+  "darts_imagenet": ZooEntry(
+    lambda **kw: _darts(imagenet=True, **kw), IMAGENET_INPUT_SHAPE
+  ),
 }
 
 
@@ -335,6 +338,6 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   return sum(
-    int(jnp.size(leaf)) if hasattr(leaf, "size") else 0
+    math.prod(leaf.shape)
     for leaf in jax.tree_util.tree_leaves(variables["params"])
   )

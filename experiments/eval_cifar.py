@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ghn_jax import evaluate, plots  # noqa: E402
+from ghn_jax import evaluate  # noqa: E402
 from ghn_jax.eval import checkpoint, datasets, networks, report  # noqa: E402
 
 DEFAULT_CKPT = os.path.join("workdir", "cpu_default")
@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> dict:
   specs = networks.list_networks(
     split=args.split, arch=args.arch, num_nets=args.num_nets
   )
+  info = datasets.dataset_info(args.dataset)
+  ghn = checkpoint.load_ghn(args.ckpt, info.num_classes, info.image_size)
   data = datasets.load_eval_data(
     args.dataset,
     args.data_dir,
@@ -193,11 +195,6 @@ def run(args: argparse.Namespace) -> dict:
     calibration_batches=args.bn_calibrate,
     with_training=bool(args.bn_calibrate or args.sgd_steps),
     seed=args.seed,
-  )
-  ghn = checkpoint.load_ghn(
-    args.ckpt,
-    num_classes=data.test.num_classes,
-    image_size=data.test.image_size,
   )
   print(
     f"Evaluating {len(specs)} networks on {data.name} "
@@ -215,9 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     seed=args.seed,
   )
   meta = {
-    "date": datetime.datetime.now(datetime.UTC).strftime(
-      "%Y-%m-%d %H:%M UTC"
-    ),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
     f"{checkpoint.backend_description()}",
     "checkpoint": args.ckpt,
@@ -225,7 +220,8 @@ def run(args: argparse.Namespace) -> dict:
     "command": " ".join(sys.argv),
   }
   builders = [
-    networks.make_builder(spec, data.test.num_classes) for spec in specs
+    networks.make_builder(spec, data.test.num_classes, data.test.image_size)
+    for spec in specs
   ]
   start = time.perf_counter()
   results = evaluate.evaluate_networks(
@@ -233,35 +229,6 @@ def run(args: argparse.Namespace) -> dict:
   )
   results["meta"]["total_seconds"] = time.perf_counter() - start
   return results
-
-
-def write_outputs(results: dict, out_dir: str) -> list[str]:
-  """Write the JSON, the markdown table and the plots; return the paths."""
-  paths = [
-    os.path.join(out_dir, report.RESULTS_JSON),
-    os.path.join(out_dir, report.RESULTS_MARKDOWN),
-  ]
-  report.write_json(results, paths[0])
-  report.write_markdown(results, paths[1])
-  title = f"{results['meta']['dataset']}, {results['meta']['checkpoint']}"
-  records = results["networks"]
-  paths.append(
-    plots.plot_accuracy_by_split(
-      records, os.path.join(out_dir, "accuracy_by_split.png"), title
-    )
-  )
-  paths.append(
-    plots.plot_accuracy_vs_params(
-      records, os.path.join(out_dir, "accuracy_vs_params.png"), title
-    )
-  )
-  if any("sgd" in r for r in records):
-    paths.append(
-      plots.plot_sgd_curves(
-        records, os.path.join(out_dir, "sgd_curves.png"), title
-      )
-    )
-  return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   out_dir = args.out or default_out_dir(args.ckpt, args.dataset)
-  paths = write_outputs(results, out_dir)
+  paths = report.write_report(results, out_dir)
   print()
   print(report.format_markdown(results))
   print("Wrote " + ", ".join(paths))

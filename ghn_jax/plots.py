@@ -28,8 +28,24 @@ def _save(fig: plt.Figure, path: str) -> str:
   return path
 
 
+def _finish_axes(
+  ax: plt.Axes, title: str, chance: float | None, legend_columns: int = 1
+) -> None:
+  """Draw the chance level, the legend and the title."""
+  if chance is not None:
+    ax.axhline(
+      100 * chance, color="black", linestyle=":", linewidth=1, label="chance"
+    )
+  ax.legend(fontsize="x-small", loc="best", ncol=legend_columns)
+  if title:
+    ax.set_title(title, fontsize="medium")
+
+
 def plot_accuracy_by_split(
-  records: Sequence[Mapping[str, Any]], path: str, title: str = ""
+  records: Sequence[Mapping[str, Any]],
+  path: str,
+  title: str = "",
+  chance: float | None = None,
 ) -> str:
   """Box and strip plot of top-1 accuracy per split, GHN next to random.
 
@@ -37,6 +53,7 @@ def plot_accuracy_by_split(
     records: per-network records of `ghn_jax.evaluate.evaluate_network`.
     path: PNG file to write.
     title: figure title.
+    chance: accuracy of random guessing, drawn as a dotted line.
 
   Returns:
     `path`.
@@ -76,14 +93,15 @@ def plot_accuracy_by_split(
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_ylim(bottom=0)
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(loc="best", fontsize="small")
-  if title:
-    ax.set_title(title, fontsize="medium")
+  _finish_axes(ax, title, chance)
   return _save(fig, path)
 
 
 def plot_accuracy_vs_params(
-  records: Sequence[Mapping[str, Any]], path: str, title: str = ""
+  records: Sequence[Mapping[str, Any]],
+  path: str,
+  title: str = "",
+  chance: float | None = None,
 ) -> str:
   """Scatter of top-1 accuracy against parameter count (log x), per split.
 
@@ -91,6 +109,7 @@ def plot_accuracy_vs_params(
     records: per-network records.
     path: PNG file to write.
     title: figure title.
+    chance: accuracy of random guessing, drawn as a dotted line.
 
   Returns:
     `path`.
@@ -119,14 +138,15 @@ def plot_accuracy_vs_params(
   ax.set_xlabel("parameters")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize="x-small", ncol=2, loc="best")
-  if title:
-    ax.set_title(title, fontsize="medium")
+  _finish_axes(ax, title, chance, legend_columns=2)
   return _save(fig, path)
 
 
 def plot_sgd_curves(
-  records: Sequence[Mapping[str, Any]], path: str, title: str = ""
+  records: Sequence[Mapping[str, Any]],
+  path: str,
+  title: str = "",
+  chance: float | None = None,
 ) -> str:
   """Accuracy against SGD steps (log x) per network, with the GHN's level.
 
@@ -137,6 +157,7 @@ def plot_sgd_curves(
     records: per-network records; those without 'sgd' are skipped.
     path: PNG file to write.
     title: figure title.
+    chance: accuracy of random guessing, drawn as a dotted line.
 
   Returns:
     `path`.
@@ -165,9 +186,7 @@ def plot_sgd_curves(
   ax.set_xlabel("SGD steps from random init (0 drawn at 0.5)")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize="x-small", loc="best")
-  if title:
-    ax.set_title(title, fontsize="medium")
+  _finish_axes(ax, title, chance)
   return _save(fig, path)
 
 
@@ -175,6 +194,7 @@ def plot_finetune_curves(
   curves: Mapping[str, Mapping[str, Sequence[float]]],
   path: str,
   title: str = "",
+  chance: float | None = None,
 ) -> str:
   """Test accuracy against training steps, one line per initialisation.
 
@@ -183,6 +203,7 @@ def plot_finetune_curves(
       'GHN prediction' and 'random init'.
     path: PNG file to write.
     title: figure title.
+    chance: accuracy of random guessing, drawn as a dotted line.
 
   Returns:
     `path`.
@@ -195,7 +216,5 @@ def plot_finetune_curves(
   ax.set_xlabel("training steps")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(loc="best")
-  if title:
-    ax.set_title(title, fontsize="medium")
+  _finish_axes(ax, title, chance)
   return _save(fig, path)

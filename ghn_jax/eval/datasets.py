@@ -20,8 +20,12 @@ EVAL_DATASETS = ("fashion_mnist", "cifar10")
 DEFAULT_DATASET = "fashion_mnist"
 
 
-def _check_name(name: str) -> pipeline.DatasetInfo:
-  """Return the dataset's info; raise ValueError for unsupported names."""
+def dataset_info(name: str) -> pipeline.DatasetInfo:
+  """Return a dataset's description (classes, image size, normalisation).
+
+  Raises:
+    ValueError: for a dataset the evaluation does not support.
+  """
   if name not in EVAL_DATASETS:
     raise ValueError(
       f"Unknown or unsupported dataset {name!r}: use one of "
@@ -124,7 +128,7 @@ def load_eval_data(
     ValueError: for an unsupported dataset name.
     FileNotFoundError: if the dataset is not installed or prepared.
   """
-  info = _check_name(name)
+  info = dataset_info(name)
   source_test = pipeline.load_source(name, info.eval_split, data_dir)
   source_train = (
     pipeline.load_source(name, "train", data_dir) if with_training else None

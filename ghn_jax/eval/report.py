@@ -10,6 +10,9 @@ from typing import Any
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
+PLOT_BY_SPLIT = "accuracy_by_split.png"
+PLOT_VS_PARAMS = "accuracy_vs_params.png"
+PLOT_SGD = "sgd_curves.png"
 
 
 def write_json(results: Mapping[str, Any], path: str) -> None:
@@ -155,7 +158,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     lines += [
       "## SGD from random initialisation",
       "",
-      f"{sgd['num_nets']} networks; mean top-1 % after "
+      f"{sgd['num_nets']} network(s); mean top-1 % after "
       + ", ".join(
         f"{k} steps: {100 * a:.1f}"
         for k, a in zip(sgd["steps"], sgd["mean_top1"], strict=True)
@@ -167,7 +170,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"The GHN's mean top-1 on the same networks "
         f"({100 * sgd['ghn_mean_top1']:.1f} %) equals "
-        f"{_equivalent(sgd)} SGD steps (log-interpolated; the GHN-2 paper "
+        f"{_equivalent(sgd)} SGD step(s) (log-interpolated; the GHN-2 paper "
         "reports about 2,500 on CIFAR-10).",
       ]
     lines.append("")
@@ -180,3 +183,40 @@ def write_markdown(results: Mapping[str, Any], path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write(format_markdown(results))
+
+
+def write_report(results: Mapping[str, Any], out_dir: str) -> list[str]:
+  """Write results.json, results.md and the PNG plots to `out_dir`.
+
+  Returns:
+    The paths written.
+  """
+  from ghn_jax import plots  # noqa: PLC0415 (matplotlib is slow to import)
+
+  paths = [
+    os.path.join(out_dir, RESULTS_JSON),
+    os.path.join(out_dir, RESULTS_MARKDOWN),
+  ]
+  write_json(results, paths[0])
+  write_markdown(results, paths[1])
+  meta = results["meta"]
+  title = f"{meta['dataset']}, GHN {meta['checkpoint']}"
+  chance = 1.0 / meta["num_classes"]
+  records = results["networks"]
+  paths.append(
+    plots.plot_accuracy_by_split(
+      records, os.path.join(out_dir, PLOT_BY_SPLIT), title, chance
+    )
+  )
+  paths.append(
+    plots.plot_accuracy_vs_params(
+      records, os.path.join(out_dir, PLOT_VS_PARAMS), title, chance
+    )
+  )
+  if any("sgd" in r for r in records):
+    paths.append(
+      plots.plot_sgd_curves(
+        records, os.path.join(out_dir, PLOT_SGD), title, chance
+      )
+    )
+  return paths

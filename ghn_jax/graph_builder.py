@@ -114,7 +114,7 @@ class UnsupportedLayerWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class GraphReport:
-  """What `build_graph` did with each parameter of the model.
+  """Outcome of `build_graph` for each parameter of the model.
 
   Attributes:
     predicted_params: paths of the parameters predicted from some node.
@@ -371,11 +371,11 @@ class _Tracer:
       self.frontier[out] = frontier
 
   def _absorb_into_norm(self, frontier: frozenset[int], scopes):
-    """Inside a norm module, values mixing the norm's node become the norm.
+    """Reduce a frontier to the norm node inside that norm's module.
 
-    Flax's norms multiply the scale into the statistics before they touch
-    the input, so the input and the scale node meet only later; the module's
-    output must come from the norm node alone.
+    Flax's norms multiply the scale into the statistics before these touch
+    the input, so the input and the scale node meet only later. The
+    module's output must still come from the norm node alone.
     """
     for node in frontier:
       scope = self.norm_scope.get(node)
@@ -460,11 +460,13 @@ def _handle_unit(tracer: _Tracer, eqn, kinds, info: _ModuleInfo) -> None:
   """Create the nodes of a unit module from its parameters' names."""
   inputs = _union([v for k, v in kinds[1:] if k == "act"])
   out = eqn.outvars[0]
+
   if info.primitive in _POOL_PRIMITIVES:
     shape = (1, 1, info.window, info.window)
     node = tracer.add_node(_Node(info.primitive, shape, name=info.path), inputs)
     tracer.frontier[out] = frozenset([node])
     return
+
   own = [p for p in tracer.param_shapes if tracer.owner[p] == info.path]
   biases = [p for p in own if p.rsplit("/", 1)[-1] in _BIAS_NAMES]
   mains = [p for p in own if p not in biases]
@@ -472,11 +474,13 @@ def _handle_unit(tracer: _Tracer, eqn, kinds, info: _ModuleInfo) -> None:
     tracer.mark_unsupported(
       extra, f"a second weight of a `{info.primitive}` module"
     )
+
   frontier = inputs
   main_node = None
   if mains and tracer.claim_param(_ParamRef(mains[0], None), info.primitive):
     main_node = _unit_main_node(tracer, mains[0], info.primitive, inputs)
     frontier = frozenset([main_node])
+
   if biases and main_node is not None and info.primitive in NORM_PRIMITIVES:
     tracer.nodes[main_node].extra = biases[0]
   elif biases and tracer.claim_param(_ParamRef(biases[0], None), "bias"):
@@ -500,13 +504,8 @@ def _unit_main_node(tracer: _Tracer, path: str, op: str, inputs) -> int:
   shape = tracer.param_shapes[path]
   ndim = len(shape)
   if op == "pos_enc":
-    ghn_axes = (0, ndim - 1) + tuple(range(1, ndim - 1)) if ndim >= 2 else (0,)
-    node = _Node("pos_enc", name=path, param=path)
-    node.shape = tuple(int(shape[a]) for a in ghn_axes)
-    node.perm = _inverse(ghn_axes)
-    pos = tracer.add_node(node, frozenset())
-    tracer.param_node[path] = pos
-    return tracer.add_node(_Node("sum", name="sum"), inputs | {pos})
+    return _add_pos_enc(tracer, path, inputs)
+
   if ndim == 4:
     ghn_axes = (3, 2, 0, 1)  # HWIO -> (out, in, h, w).
   elif ndim == 2:
@@ -515,6 +514,7 @@ def _unit_main_node(tracer: _Tracer, path: str, op: str, inputs) -> int:
     ghn_axes = tuple(range(ndim))
   if op in NORM_PRIMITIVES or op == "bias":
     ghn_axes = tuple(range(ndim))
+
   node = tracer.add_node(
     _Node(
       op,
@@ -538,9 +538,11 @@ def _inverse(axes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _handle_conv(tracer: _Tracer, eqn, kinds, scopes) -> bool:
+  """Make a conv node of a convolution by a parameter kernel."""
   (lhs_kind, lhs), (rhs_kind, rhs) = kinds[:2]
   if lhs_kind != "act" or rhs_kind != "param":
     return False
+
   params = eqn.params
   rank = len(eqn.invars[0].aval.shape)
   if rank != 4:
@@ -553,6 +555,7 @@ def _handle_conv(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     return False
   if not tracer.claim_param(rhs, "conv_general_dilated"):
     return False
+
   groups = params["feature_group_count"]
   dilated = any(d > 1 for d in params["rhs_dilation"])
   op = "conv"
@@ -561,6 +564,7 @@ def _handle_conv(tracer: _Tracer, eqn, kinds, scopes) -> bool:
   declared = tracer._module_kind(tracer.owner[rhs.path])
   if declared in CONV_PRIMITIVES:
     op = declared
+
   rhs_spec = params["dimension_numbers"].rhs_spec
   shape, perm = tracer.param_node_shape(
     rhs, tuple(eqn.invars[1].aval.shape), rhs_spec
@@ -574,11 +578,13 @@ def _handle_conv(tracer: _Tracer, eqn, kinds, scopes) -> bool:
 
 
 def _handle_dot(tracer: _Tracer, eqn, kinds, scopes) -> bool:
+  """Make a conv node of a dense layer, or an msa node of attention."""
   (kind_a, a), (kind_b, b) = kinds[:2]
   if kind_a == "act" and kind_b == "act":
     return _handle_attention(tracer, eqn, a | b, scopes)
   if {kind_a, kind_b} != {"act", "param"}:
     return False
+
   position = 0 if kind_a == "param" else 1
   ref = a if position == 0 else b
   acts = b if position == 0 else a
@@ -587,6 +593,7 @@ def _handle_dot(tracer: _Tracer, eqn, kinds, scopes) -> bool:
   batch = tuple(batch_a if position == 0 else batch_b)
   var_shape = tuple(eqn.invars[position].aval.shape)
   free = tuple(i for i in range(len(var_shape)) if i not in contract + batch)
+
   if batch or not contract or not free:
     tracer.mark_unsupported(ref.path, "batched or degenerate dot_general")
     return False
@@ -599,6 +606,7 @@ def _handle_dot(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     return False
   if not tracer.claim_param(ref, "dot_general"):
     return False
+
   shape = (math.prod(var_shape[i] for i in free),) + (
     math.prod(var_shape[i] for i in contract),
   )
@@ -609,6 +617,7 @@ def _handle_dot(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     shape, perm = tracer.param_node_shape(ref, var_shape, ghn_axes)
   else:
     perm = (1, 0) if contiguous_in_first else (0, 1)
+
   node = tracer.add_node(
     _Node("conv", shape, perm, param=ref.path, name=ref.path), acts
   )
@@ -618,7 +627,7 @@ def _handle_dot(tracer: _Tracer, eqn, kinds, scopes) -> bool:
 
 
 def _handle_attention(tracer: _Tracer, eqn, inputs, scopes) -> bool:
-  """A product of two activations: the attention of an `msa` node."""
+  """Make (or extend) the msa node of a product of two activations."""
   merged = [m for m in inputs if m in tracer.msa_nodes]
   if merged:
     msa = max(merged)
@@ -637,6 +646,7 @@ def _handle_attention(tracer: _Tracer, eqn, inputs, scopes) -> bool:
 
 
 def _handle_add(tracer: _Tracer, eqn, kinds, scopes) -> bool:
+  """Make a sum, bias or positional-encoding node, or a norm's extra."""
   acts = [v for k, v in kinds if k == "act"]
   refs = [v for k, v in kinds if k == "param"]
   if len(acts) == 2:
@@ -649,6 +659,7 @@ def _handle_add(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     return True
   if len(acts) != 1 or len(refs) != 1:
     return False
+
   ref, inputs = refs[0], acts[0]
   owner = tracer.owner[ref.path]
   norm = tracer.norm_node.get(owner)
@@ -659,6 +670,7 @@ def _handle_add(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     tracer.nodes[norm].extra = ref.path
     tracer._forward(eqn, inputs, scopes)
     return True
+
   if not tracer.claim_param(ref, "add"):
     return False
   shape = tracer.param_shapes[ref.path]
@@ -668,7 +680,9 @@ def _handle_add(tracer: _Tracer, eqn, kinds, scopes) -> bool:
   declared = tracer._module_kind(owner)
   non_unit = sum(1 for s in shape if s != 1)
   if declared == "pos_enc" or (non_unit >= 2 and not owner_has_weight):
-    return _add_pos_enc(tracer, eqn, ref, inputs)
+    tracer.set_output(eqn, _add_pos_enc(tracer, ref.path, inputs))
+    return True
+
   size = math.prod(shape)
   node = tracer.add_node(
     _Node("bias", (size,), (0,), param=ref.path, name=ref.path), inputs
@@ -678,9 +692,9 @@ def _handle_add(tracer: _Tracer, eqn, kinds, scopes) -> bool:
   return True
 
 
-def _add_pos_enc(tracer: _Tracer, eqn, ref: _ParamRef, inputs) -> bool:
-  """A positional encoding: a `pos_enc` node summed into the input."""
-  shape = tracer.param_shapes[ref.path]
+def _add_pos_enc(tracer: _Tracer, path: str, inputs) -> int:
+  """Add a `pos_enc` node and its `sum` with `inputs`; return the sum."""
+  shape = tracer.param_shapes[path]
   ndim = len(shape)
   if ndim >= 2:
     # Channels last in Flax, second in GHN layout (1, C, H, W).
@@ -688,20 +702,14 @@ def _add_pos_enc(tracer: _Tracer, eqn, ref: _ParamRef, inputs) -> bool:
   else:
     ghn_axes = (0,)
   ghn_shape = tuple(int(shape[a]) for a in ghn_axes)
-  perm = [0] * ndim
-  for g, axis in enumerate(ghn_axes):
-    perm[axis] = g
-  pos = tracer.add_node(
-    _Node("pos_enc", ghn_shape, tuple(perm), param=ref.path, name=ref.path),
-    frozenset(),
-  )
-  tracer.param_node[ref.path] = pos
-  total = tracer.add_node(_Node("sum", name="sum"), inputs | {pos})
-  tracer.set_output(eqn, total)
-  return True
+  node = _Node("pos_enc", ghn_shape, _inverse(ghn_axes), param=path, name=path)
+  pos = tracer.add_node(node, frozenset())
+  tracer.param_node[path] = pos
+  return tracer.add_node(_Node("sum", name="sum"), inputs | {pos})
 
 
 def _handle_mul(tracer: _Tracer, eqn, kinds, scopes) -> bool:
+  """Make a norm, layer-scale or cse node of a product."""
   acts = [v for k, v in kinds if k == "act"]
   refs = [v for k, v in kinds if k == "param"]
   if len(acts) == 2:
@@ -713,6 +721,7 @@ def _handle_mul(tracer: _Tracer, eqn, kinds, scopes) -> bool:
     return True
   if len(acts) != 1 or len(refs) != 1:
     return False
+
   ref, inputs = refs[0], acts[0]
   if not tracer.claim_param(ref, "mul"):
     return False
@@ -1063,7 +1072,7 @@ def clear_cache() -> None:
 
 
 def _is_deepnets_network(model: nn.Module, input_shape) -> bool:
-  """Whether `model` is a DeepNets-1M `Network` fed its expected input."""
+  """Check whether `model` is a DeepNets-1M `Network` fed its own input."""
   from ghn_jax.deepnets1m import net  # Imported on use: a heavy package.
 
   if type(model) is not net.Network:

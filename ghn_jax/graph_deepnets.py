@@ -51,7 +51,7 @@ class _Emitter:
     return frozenset([self.tracer.add_node(node, inputs)])
 
   def _merge(self, op: str, parts: Sequence[Frontier]) -> Frontier:
-    """A sum or concatenation: a node only if inputs come from 2+ nodes."""
+    """Add a sum or concatenation node if inputs come from 2+ nodes."""
     inputs = frozenset().union(*parts)
     return self._op(op, inputs) if len(inputs) > 1 else inputs
 

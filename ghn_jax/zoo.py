@@ -41,7 +41,7 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
 
 
 def _conv(features: int, kernel: int, stride: int = 1, **kwargs) -> nn.Conv:
-  """A PyTorch-style conv: symmetric padding kernel // 2, no bias."""
+  """Make a PyTorch-style conv: symmetric padding kernel // 2, no bias."""
   pad = kernel // 2
   kwargs.setdefault("use_bias", False)
   return nn.Conv(
@@ -285,7 +285,7 @@ class ZooEntry:
 
 
 def _darts(num_classes: int = 10, imagenet: bool = False) -> nn.Module:
-  """The DARTS network of the DeepNets-1M package (its DARTS genotype).
+  """Make the DARTS network of the DeepNets-1M package (DARTS genotype).
 
   36 channels and 20 cells for CIFAR, 48 channels, 14 cells and the DARTS
   stem for ImageNet, as in the original's `examples/darts.py`.

@@ -36,10 +36,10 @@ from ghn_jax import evaluate  # noqa: E402
 from ghn_jax.eval import checkpoint, datasets, networks, report  # noqa: E402
 
 DEFAULT_CKPT = os.path.join("workdir", "cpu_default")
-DEFAULT_NUM_NETS = 2
-DEFAULT_TEST_IMAGES = 1024
-DEFAULT_SGD_STEPS = "1,10,100"
-DEFAULT_SGD_NETS = 2
+DEFAULT_NUM_NETS = 1
+DEFAULT_TEST_IMAGES = 256
+DEFAULT_SGD_STEPS = "1,10"
+DEFAULT_SGD_NETS = 1
 EVAL_SUBDIR = "eval"
 
 

@@ -431,6 +431,7 @@ def train_with_sgd(
   test_data: ImageData,
   config: SgdConfig,
   eval_apply_fn: ApplyFn | None = None,
+  train_step: Callable | None = None,
 ) -> TrainingCurve:
   """Train `net` from `params` with SGD; record test accuracy at checkpoints.
 
@@ -442,6 +443,8 @@ def train_with_sgd(
     config: SGD settings; accuracy is measured before training and after
       each step count in `config.eval_steps`.
     eval_apply_fn: jitted `net.apply_fn` to reuse for testing, if any.
+    train_step: a step from `make_train_step(net.apply_fn,
+      make_sgd_optimizer(config))` to reuse (and not compile again).
 
   Returns:
     The recorded curve.
@@ -452,7 +455,7 @@ def train_with_sgd(
   start = time.perf_counter()
   eval_apply_fn = eval_apply_fn or jax.jit(net.apply_fn)
   optimizer = make_sgd_optimizer(config)
-  train_step = make_train_step(net.apply_fn, optimizer)
+  train_step = train_step or make_train_step(net.apply_fn, optimizer)
   opt_state = optimizer.init(params)
 
   steps, top1, losses = (
@@ -877,3 +880,59 @@ def evaluate_networks(
     "networks": records,
     "summary": summarize_records(records),
   }
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning.
+
+FINETUNE_GHN_LABEL = "GHN prediction"
+FINETUNE_RANDOM_LABEL = "random init"
+
+
+def compare_finetuning(
+  net: EvalNet,
+  predict_fn: PredictFn,
+  data: EvalData,
+  config: SgdConfig,
+  seed: int = 0,
+) -> dict[str, TrainingCurve]:
+  """Train `net` from predicted and from random parameters, same recipe.
+
+  Both runs see the same training batches (same `config.seed`) and are
+  scored on the same test images before training and after each step
+  count of `config.eval_steps`.
+
+  Args:
+    net: the network.
+    predict_fn: the GHN's prediction function.
+    data: test images and a training batch source.
+    config: SGD settings.
+    seed: seed of the random initialisation.
+
+  Returns:
+    {FINETUNE_GHN_LABEL: curve, FINETUNE_RANDOM_LABEL: curve}.
+
+  Raises:
+    ValueError: if `data` has no training batches or the network no graph.
+  """
+  if data.train_batches_fn is None:
+    raise ValueError("Fine-tuning needs training images (train_batches_fn).")
+  if net.graph is None:
+    raise ValueError(f"Network {net.name} has no graph to predict from.")
+  predicted = predict_fn(net.graph, net.params)
+  check_params_match(net.name, net.params, predicted)
+  rng = jax.random.fold_in(jax.random.key(seed), _stable_hash(net.name))
+  starts = {
+    FINETUNE_GHN_LABEL: predicted,
+    FINETUNE_RANDOM_LABEL: random_init_params(net.params, rng),
+  }
+  eval_apply_fn = jax.jit(net.apply_fn)
+  train_step = make_train_step(net.apply_fn, make_sgd_optimizer(config))
+  curves = {}
+  for label, params in starts.items():
+    logging.info("Fine-tuning %s from %s.", net.name, label)
+    batches = data.train_batches_fn(config.batch_size, config.seed)
+    curves[label] = train_with_sgd(
+      net, params, batches, data.test, config, eval_apply_fn, train_step
+    )
+  return curves

@@ -294,3 +294,35 @@ def test_cli_default_run(tmp_path):
   splits = set(results["summary"]["splits"])
   assert splits == {*networks.SPLITS, networks.PREDEFINED_SPLIT}
   assert results["meta"]["dataset"] == "fashion_mnist"
+
+
+def test_compare_finetuning_curves(tmp_path):
+  path = _save_tiny_ghn(tmp_path / "ghn.npz")
+  ghn = checkpoint.load_ghn(path, num_classes=10, image_size=32)
+  net = _tiny_builders()[0]()
+  config = evaluate.SgdConfig(eval_steps=(1, 3), batch_size=32)
+  curves = evaluate.compare_finetuning(
+    net, ghn.predict_fn, _tiny_data(), config
+  )
+  assert set(curves) == {
+    evaluate.FINETUNE_GHN_LABEL,
+    evaluate.FINETUNE_RANDOM_LABEL,
+  }
+  for curve in curves.values():
+    assert curve.steps == (0, 1, 3)
+    assert len(curve.losses) == 3
+    assert all(0.0 <= a <= 1.0 for a in curve.top1)
+  # The two runs start from different parameters.
+  ghn_curve = curves[evaluate.FINETUNE_GHN_LABEL]
+  random_curve = curves[evaluate.FINETUNE_RANDOM_LABEL]
+  assert ghn_curve.losses[0] != random_curve.losses[0]
+
+
+def test_compare_finetuning_needs_training_data(tmp_path):
+  path = _save_tiny_ghn(tmp_path / "ghn.npz")
+  ghn = checkpoint.load_ghn(path, num_classes=10, image_size=32)
+  data = evaluate.EvalData(_tiny_data().test)
+  with pytest.raises(ValueError, match="training images"):
+    evaluate.compare_finetuning(
+      _tiny_builders()[0](), ghn.predict_fn, data, evaluate.SgdConfig()
+    )

@@ -1,11 +1,12 @@
 """Evaluate a GHN's predicted parameters on DeepNets-1M and predefined nets.
 
-For every network: predict all parameters with the GHN (timed), score top-1
-accuracy on the test images with batch norm using the statistics of each
-test batch of 64 (the GHN-2 protocol), optionally also with running
-statistics calibrated on training batches, and score the same network with
-random initialisation. On a subset of networks, SGD from random
-initialisation gives the number of SGD steps one GHN forward pass is worth.
+For every network, the GHN predicts all parameters (timed). The network is
+scored by top-1 accuracy on the test images, with batch norm using the
+statistics of each test batch of 64 (the GHN-2 protocol), and optionally
+also with running statistics calibrated on training batches. The same
+network is scored with random initialisation. On a subset of networks, SGD
+from random initialisation gives the number of SGD steps one GHN forward
+pass is worth.
 Writes results.json, results.md and PNG plots to --out.
 
 Examples:

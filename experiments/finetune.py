@@ -1,8 +1,8 @@
 """Fine-tune one network from GHN-predicted parameters and from random init.
 
-Both runs use the same SGD recipe (the original's: batch 96, momentum 0.9,
-weight decay 3e-4, cosine learning-rate decay over all steps, gradient norm
-clipped to 5), the same training batches, and are scored on the same test
+Both runs use the original's SGD recipe: batch 96, momentum 0.9, weight
+decay 3e-4, cosine learning-rate decay over all steps, gradient norm clipped
+to 5. They see the same training batches and are scored on the same test
 images every --eval-every steps. Writes finetune.json and finetune.png
 (test accuracy against steps, both curves in one plot) to --out.
 

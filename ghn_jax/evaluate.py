@@ -5,8 +5,8 @@ the GHN predicts all parameters of a network once, and the network is scored
 by top-1 accuracy on the test images, with every batch-norm layer normalising
 with the statistics of the current test batch of 64 images. The same networks
 are scored with random fan-in initialisation and after k steps of SGD from
-random initialisation, so that one GHN forward pass can be expressed as an
-equivalent number of SGD steps (the paper reports about 2,500 on CIFAR-10).
+random initialisation. One GHN forward pass is then worth an equivalent
+number of SGD steps (the paper reports about 2,500 on CIFAR-10).
 
 The networks, the GHN and the data come in through small interfaces
 (`EvalNet`, a `PredictFn`, `ImageData`), so the same code evaluates
@@ -308,8 +308,9 @@ def random_init_params(params: Params, rng: jax.Array) -> Params:
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for `nn.Conv2d` and
   `nn.Linear` (kaiming-uniform with a=sqrt(5)), which the GHN-2 paper's
   random-initialisation baseline used. A 1-D bias next to a kernel is drawn
-  from the same range; norm-layer scales are 1, positional encodings
-  (leaves named 'embedding') N(0, 1) and other 1-D leaves 0.
+  from the same range. Norm-layer scales are 1, positional encodings
+  (leaves named 'embedding') are drawn from N(0, 1), and other 1-D leaves
+  are 0.
 
   Args:
     params: pytree of arrays (a nested dict as Flax makes).
@@ -516,7 +517,7 @@ def sgd_steps_equivalent(
   """Find how many SGD steps reach `accuracy`, interpolating in log-steps.
 
   The first step count whose accuracy reaches `accuracy` and its predecessor
-  bracket the answer; between them, accuracy is taken to be linear in
+  bracket the result. Between them, accuracy is taken to be linear in
   log10(steps).
 
   Args:
@@ -628,7 +629,7 @@ def check_params_match(name: str, template: Params, predicted: Params) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """What to measure for every network.
+  """Measurements made on every network.
 
   Attributes:
     bn_calibrate: training batches (of 64) to calibrate running batch-norm
@@ -778,7 +779,7 @@ def summarize_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   Returns:
     {'splits': {split: {metric: summary}}, 'sgd': {...}} where each summary
-    is `summarize`'s dict. 'sgd' holds the mean curve over the networks
+    is `summarize`'s dict. 'sgd' contains the mean curve over the networks
     trained with SGD, the mean GHN accuracy on the same networks, and the
     SGD steps that accuracy is worth on the mean curve.
   """

@@ -1,9 +1,9 @@
 """Networks to evaluate: DeepNets-1M evaluation splits and predefined ones.
 
-A `NetSpec` names one network; `make_builder` turns it into a function that
+A `NetSpec` names one network. `make_builder` turns it into a function that
 builds the Flax model, its parameter template, its graph for the GHN and its
-apply functions (`ghn_jax.evaluate.EvalNet`) only when the evaluation
-reaches it, so one network at a time is in memory.
+apply functions (`ghn_jax.evaluate.EvalNet`). The evaluation calls it when it
+reaches the network, so one network at a time is in memory.
 """
 
 from __future__ import annotations

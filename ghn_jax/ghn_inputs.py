@@ -476,29 +476,39 @@ def _node_levels(spec: GraphSpec) -> np.ndarray:
   return levels
 
 
-def _neighbour_table(
-  centre: np.ndarray,
-  other: np.ndarray,
+def _edge_table(
+  step: np.ndarray,
+  target_slot: np.ndarray,
+  source: np.ndarray,
   weight: np.ndarray,
-  slot_of_node: np.ndarray,
-  shape: tuple[int, int, int],
+  num_steps: int,
   virtual_edges: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Pad the edges around each node into (levels, width, degree) tables."""
-  index = np.zeros(shape, np.int32)
-  real_coef = np.zeros(shape, np.float32)
-  virtual_coef = np.zeros(shape, np.float32)
-  if centre.size:
-    order = np.argsort(centre, kind="stable")
-    centre, other, weight = centre[order], other[order], weight[order]
-    first = np.searchsorted(centre, centre, side="left")
-    rank = np.arange(centre.size) - first
-    level, pos = slot_of_node[centre, 0], slot_of_node[centre, 1]
-    index[level, pos, rank] = other
-    real_coef[level, pos, rank] = weight == 1
-    if virtual_edges:
-      virtual_coef[level, pos, rank] = 1.0 / weight.astype(np.float32)
-  return index, real_coef, virtual_coef
+) -> dict[str, np.ndarray]:
+  """Pad the edges read at each sweep step into (steps, edges) tables.
+
+  Each edge carries its source node, the position of its target within the
+  step's node list, and two coefficients: 1 for a real edge (message MLP)
+  and 1 / weight for every edge (virtual-edge MLP, GHN-2 paper, Eq. 4).
+  Padding entries have zero coefficients.
+  """
+  counts = np.bincount(step, minlength=num_steps)
+  size = bucket(max(int(counts.max(initial=0)), 1), _MIN_POSITIONS)
+  sources = np.zeros((num_steps, size), np.int32)
+  targets = np.zeros((num_steps, size), np.int32)
+  coef = np.zeros((num_steps, size, 2), np.float32)
+  order = np.argsort(step, kind="stable")
+  step = step[order]
+  rank = np.arange(step.size) - np.searchsorted(step, step, side="left")
+  sources[step, rank] = source[order]
+  targets[step, rank] = target_slot[order]
+  coef[step, rank, 0] = weight[order] == 1
+  if virtual_edges:
+    coef[step, rank, 1] = 1.0 / weight[order].astype(np.float32)
+  return {
+    "sweep_sources": sources,
+    "sweep_targets": targets,
+    "sweep_coef": coef,
+  }
 
 
 def prepare_batch(
@@ -565,18 +575,19 @@ def prepare_batch(
   level_nodes = np.full((pad_levels, pad_width), num_nodes, np.int32)
   level_nodes[slot[:, 0], slot[:, 1]] = np.arange(total)
 
-  # One table for both sweeps: the forward sweep reads incoming edges level
-  # by level, then the backward sweep reads outgoing edges in reverse level
-  # order, so the GHN runs both in a single scan.
-  in_degree = np.bincount(receivers, minlength=total).max(initial=0)
-  out_degree = np.bincount(senders, minlength=total).max(initial=0)
-  degree = bucket(max(in_degree, out_degree, 1), _MIN_SLOTS)
-  table_shape = (pad_levels, pad_width, degree)
-  fwd = _neighbour_table(
-    receivers, senders, weight, slot, table_shape, sizes.virtual_edges
-  )
-  bwd = _neighbour_table(
-    senders, receivers, weight, slot, table_shape, sizes.virtual_edges
+  # One schedule for both sweeps: steps 0..L-1 update the levels in order
+  # and read incoming edges (forward sweep), steps L..2L-1 update them in
+  # reverse order and read outgoing edges (backward sweep), so the GHN runs
+  # both sweeps in a single scan.
+  forward_step = slot[receivers, 0]
+  backward_step = 2 * pad_levels - 1 - slot[senders, 0]
+  edge_tables = _edge_table(
+    np.concatenate([forward_step, backward_step]),
+    np.concatenate([slot[receivers, 1], slot[senders, 1]]),
+    np.concatenate([senders, receivers]),
+    np.concatenate([weight, weight]),
+    2 * pad_levels,
+    sizes.virtual_edges,
   )
 
   builder = _PlanBuilder(sizes)
@@ -588,9 +599,7 @@ def prepare_batch(
     "node_ops": ops,
     "shape_index": np.zeros((num_nodes, 4), np.int32),
     "sweep_nodes": np.concatenate([level_nodes, level_nodes[::-1]]),
-    "sweep_index": np.concatenate([fwd[0], bwd[0][::-1]]),
-    "sweep_real": np.concatenate([fwd[1], bwd[1][::-1]]),
-    "sweep_virtual": np.concatenate([fwd[2], bwd[2][::-1]]),
+    **edge_tables,
   }
   inputs["shape_index"][:] = shape_indices(
     shapes, num_classes, sizes.max_shape[3]

@@ -947,6 +947,10 @@ def trace_model(
         out = _boundary_p.bind(out, *arrays, token=token)
     return out
 
+  # Models that draw random numbers (dropout in training mode) get a key;
+  # the values do not matter for the graph.
+  apply_kwargs.setdefault("rngs", {"dropout": jax.random.key(0)})
+
   def apply_fn(variables, x):
     with nn.intercept_methods(interceptor):
       out = model.apply(variables, x, mutable=True, **apply_kwargs)

@@ -209,6 +209,14 @@ def test_direct_graph_equals_traced_many(seed):
     _assert_same_graph(traced, graph_deepnets.build_deepnets_graph(config))
 
 
+def test_training_mode_with_dropout_traces():
+  config = _sampled_configs(1, seed=4)[0].replace(num_fc_layers=2, fc_dim=16)
+  shape = (1, config.input_size, config.input_size, 3)
+  model = net.Network(config)
+  train, _ = _build(model, shape, trace=True, apply_kwargs={"train": True})
+  _assert_same_graph(train, graph_deepnets.build_deepnets_graph(config))
+
+
 def test_build_graph_uses_direct_builder_for_networks():
   config = _sampled_configs(1, seed=3)[0]
   graph = graph_builder.build_graph(

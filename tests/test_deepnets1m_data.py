@@ -330,3 +330,50 @@ def test_background_loader_raises_producer_error():
 
 def test_background_loader_empty_source():
   assert list(dataset_lib.BackgroundLoader(iter(()))) == []
+
+
+def test_stored_graphs_match_built_graphs(tmp_path):
+  graph_deepnets = pytest.importorskip("ghn_jax.graph_deepnets")
+  directory = str(tmp_path / "graphs")
+  dataset_lib.generate_split(
+    directory,
+    "val",
+    4,
+    shard_size=2,
+    graph_fn=dataset_lib.build_network_graph,
+    progress=False,
+  )
+  data = dataset_lib.ArchitectureDataset(directory)
+  for i in range(len(data)):
+    stored = data.graph(i)
+    built = graph_deepnets.build_deepnets_graph(data.config(i))
+    stored.validate()
+    assert data.num_nodes[i] == built.num_nodes
+    # Node rows and edges come from one graph, in one node order.
+    np.testing.assert_array_equal(stored.node_ops, built.node_ops)
+    np.testing.assert_array_equal(stored.node_shapes, built.node_shapes)
+    np.testing.assert_array_equal(stored.node_param_perm, built.node_param_perm)
+    np.testing.assert_array_equal(stored.senders, built.senders)
+    np.testing.assert_array_equal(stored.receivers, built.receivers)
+    assert stored.node_params == built.node_params
+    assert stored.node_extra_params == built.node_extra_params
+
+  # Batches over the node cap are dropped.
+  cap = int(np.sort(data.num_nodes)[:2].sum())
+  loader = dataset_lib.meta_batches(
+    data, 2, np.random.default_rng(0), max_nodes=cap
+  )
+  for _ in range(10):
+    batch = next(loader)
+    assert data.num_nodes[[i for i, _ in batch]].sum() <= cap
+  with pytest.raises(ValueError, match=f"max_nodes={cap - 1}"):
+    next(
+      dataset_lib.meta_batches(
+        data, 2, np.random.default_rng(0), max_nodes=cap - 1
+      )
+    )
+
+
+def test_graph_of_split_without_graphs_raises(wide_dataset):
+  with pytest.raises(ValueError, match="no stored graphs"):
+    wide_dataset.graph(0)

@@ -82,6 +82,12 @@ REFERENCE_PARAM_QUANTILES = {
   "cifar": (74_706, 191_202, 462_138, 1_361_514, 4_072_966),
   "imagenet": (72_773, 197_158, 466_562, 1_392_526, 4_330_592),
 }
+# Graph nodes and real edges (the original's graphs lose most attention
+# nodes under torch 2.x, about 0.4 per network, within the tolerance).
+REFERENCE_GRAPH_QUANTILES = {
+  "nodes": (63.95, 118, 163, 236.25, 367),
+  "edges": (74, 134, 186, 274, 430.1),
+}
 # Bootstrap resamples for the standard errors of quantiles.
 NUM_BOOTSTRAP = 200
 
@@ -147,6 +153,22 @@ def test_operation_presence_fraction(sample, op):
   assert abs(ours - reference) < MAX_Z * standard_error, (ours, reference)
 
 
+def _assert_quantiles_match(values, reference, name):
+  values = np.log(values)
+  ours = np.percentile(values, QUANTILES)
+  rng = np.random.default_rng(1)
+  boot = np.percentile(
+    rng.choice(values, (NUM_BOOTSTRAP, values.size)), QUANTILES, axis=1
+  )
+  # Both samples have this error; the difference has sqrt(2) times it.
+  standard_error = np.sqrt(2) * boot.std(axis=1)
+  assert np.all(np.abs(ours - np.log(reference)) < MAX_Z * standard_error), (
+    name,
+    np.exp(ours).round(),
+    reference,
+  )
+
+
 def _param_counts(sample, name):
   archs, _ = sample
   if name == "cifar":
@@ -156,19 +178,43 @@ def _param_counts(sample, name):
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAM_QUANTILES))
 def test_param_count_quantiles_match_original(sample, name):
-  counts = np.log(_param_counts(sample, name))
-  ours = np.percentile(counts, QUANTILES)
-  rng = np.random.default_rng(1)
-  boot = np.percentile(
-    rng.choice(counts, (NUM_BOOTSTRAP, counts.size)), QUANTILES, axis=1
+  _assert_quantiles_match(
+    _param_counts(sample, name), REFERENCE_PARAM_QUANTILES[name], name
   )
-  # Both samples have this error; the difference has sqrt(2) times it.
-  standard_error = np.sqrt(2) * boot.std(axis=1)
-  reference = np.log(REFERENCE_PARAM_QUANTILES[name])
-  assert np.all(np.abs(ours - reference) < MAX_Z * standard_error), (
-    np.exp(ours).round(),
-    REFERENCE_PARAM_QUANTILES[name],
-  )
+
+
+@pytest.fixture(scope="module")
+def graphs(sample):
+  graph_deepnets = pytest.importorskip("ghn_jax.graph_deepnets")
+  archs, _ = sample
+  return [graph_deepnets.build_deepnets_graph(a.config) for a in archs]
+
+
+def test_graph_size_quantiles_match_original(graphs):
+  nodes = np.array([g.num_nodes for g in graphs])
+  edges = np.array([g.num_edges for g in graphs])
+  _assert_quantiles_match(nodes, REFERENCE_GRAPH_QUANTILES["nodes"], "nodes")
+  _assert_quantiles_match(edges, REFERENCE_GRAPH_QUANTILES["edges"], "edges")
+
+
+def test_graphs_keep_every_attention_and_se_block(sample, graphs):
+  # The original's graphs lose attention nodes (found by a positional rule
+  # on the autograd graph); here every live msa/cse edge is one node.
+  from ghn_jax import graph as graph_lib
+  from ghn_jax.deepnets1m import plan as plan_lib
+
+  archs, _ = sample
+  for arch, graph in zip(archs[:200], graphs[:200], strict=True):
+    plan = plan_lib.build_plan(arch.config)
+    for op in ("msa", "cse"):
+      live_edges = sum(
+        live and edge_op == op
+        for cell in plan.cells
+        if cell.live
+        for (edge_op, _), live in zip(cell.edges, cell.edge_live, strict=True)
+      )
+      nodes = int(np.sum(graph.node_ops == graph_lib.PRIMITIVE_INDEX[op]))
+      assert nodes == live_edges, (op, arch.config.genotype)
 
 
 def test_param_caps_hold(sample):

@@ -64,14 +64,14 @@ GraphFn = Callable[[NetConfig], Any]
 
 
 def build_network_graph(config: NetConfig):
-  """Build the GHN graph of a network (`graph_fn` for stored graphs)."""
-  from ghn_jax import graph_builder
-  from ghn_jax.deepnets1m.net import Network
+  """Build the GHN graph of a network (`graph_fn` for stored graphs).
 
-  size = config.input_size
-  return graph_builder.build_graph(
-    Network(config), input_shape=(1, size, size, 3)
-  )
+  Uses the direct builder of `ghn_jax.graph_deepnets`, which gives the same
+  graph as tracing the Flax network, in a few milliseconds.
+  """
+  from ghn_jax import graph_deepnets
+
+  return graph_deepnets.build_deepnets_graph(config)
 
 
 def _shard_name(shard: int) -> str:
@@ -494,7 +494,7 @@ def meta_batches(
 
   Raises:
     ValueError: if `batch_size` < 1, or `max_nodes` is given for a split
-      without stored graphs.
+      without stored graphs or is below the smallest possible batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be positive.")
@@ -504,6 +504,14 @@ def meta_batches(
       "max_nodes needs stored graphs; generate the split with graphs or "
       "pass max_nodes=None."
     )
+  if max_nodes is not None and train:
+    smallest = np.sort(nodes)[: min(batch_size, len(nodes))].sum()
+    if smallest > max_nodes:
+      raise ValueError(
+        f"max_nodes={max_nodes} is below the {smallest} nodes of the "
+        f"smallest batch of {batch_size} networks; raise max_nodes or "
+        "lower batch_size."
+      )
   if not train:
     for start in range(0, len(dataset), batch_size):
       stop = min(start + batch_size, len(dataset))

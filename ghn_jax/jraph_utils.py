@@ -25,9 +25,9 @@ import numpy as np
 
 from ghn_jax import graph as graph_lib
 
-# Smallest padded sizes; larger sizes grow by a factor of sqrt(2) per bucket,
-# so padding wastes at most ~41% of a batch and a meta-training run sees a few
-# dozen distinct shapes.
+# Smallest padded sizes. Larger sizes grow by a factor of sqrt(2) per bucket,
+# so padding adds at most ~41% to a batch, and a meta-training run compiles
+# for an estimated few dozen distinct shapes.
 MIN_NODE_BUCKET = 64
 MIN_EDGE_BUCKET = 512
 BUCKET_GROWTH = math.sqrt(2.0)
@@ -83,7 +83,7 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
 
 
 def bucket_size(count: int, minimum: int) -> int:
-  """Return the smallest bucket size that holds `count` + 1 items.
+  """Return the smallest bucket size that fits `count` + 1 items.
 
   Buckets are `minimum * BUCKET_GROWTH**k`, rounded up to a multiple of
   `BUCKET_ALIGNMENT`. The +1 leaves room for the padding graph's node or

@@ -115,7 +115,7 @@ def test_reference_graph_isomorphic(case):
   expects autograd's Clone 11 nodes after Softmax) and its squeeze-excitation
   (`cse`) rule depends on node order, so its stored graphs have neither.
   This builder follows the GHN-2 paper and keeps one node per attention and
-  per SE block; when the reference lacks those nodes they are contracted
+  per SE block. When the reference lacks those nodes, ours are contracted
   (inputs joined to outputs, as the original's filter does) before the
   comparison, and their number is checked separately.
   """

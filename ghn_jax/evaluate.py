@@ -668,6 +668,7 @@ def select_for_sgd(num_nets: int, num_selected: int) -> list[int]:
 def _score(
   net: EvalNet,
   eval_apply_fn: ApplyFn,
+  collect_fn: CollectBatchStatsFn | None,
   params: Params,
   data: EvalData,
   bn_calibrate: int,
@@ -678,14 +679,11 @@ def _score(
     return scores
   if not net.has_batch_norm:
     scores["top1_calibrated"] = scores["top1"]
-  elif net.collect_batch_stats_fn is None or data.calibration is None:
+  elif collect_fn is None or data.calibration is None:
     scores["top1_calibrated"] = float("nan")
   else:
     stats = calibrate_batch_stats(
-      jax.jit(net.collect_batch_stats_fn),
-      params,
-      data.calibration,
-      bn_calibrate,
+      collect_fn, params, data.calibration, bn_calibrate
     )
     scores["top1_calibrated"] = top1_accuracy(
       eval_apply_fn, params, data.test, stats
@@ -719,6 +717,9 @@ def evaluate_network(
       match its parameter shapes.
   """
   eval_apply_fn = jax.jit(net.apply_fn)
+  collect_fn = None
+  if net.collect_batch_stats_fn is not None:
+    collect_fn = jax.jit(net.collect_batch_stats_fn)
   record: dict[str, Any] = {
     "name": net.name,
     "split": net.split,
@@ -737,13 +738,13 @@ def evaluate_network(
     record["predict_seconds_first"] = first_s
     record["predict_seconds"] = warm_s
     record["ghn"] = _score(
-      net, eval_apply_fn, predicted, data, config.bn_calibrate
+      net, eval_apply_fn, collect_fn, predicted, data, config.bn_calibrate
     )
 
   rng = jax.random.fold_in(jax.random.key(config.seed), _stable_hash(net.name))
   random_params = random_init_params(net.params, rng)
   record["random"] = _score(
-    net, eval_apply_fn, random_params, data, config.bn_calibrate
+    net, eval_apply_fn, collect_fn, random_params, data, config.bn_calibrate
   )
 
   if run_sgd and config.sgd is not None and data.train_batches_fn is not None:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from ghn_jax import ghn as ghn_lib
 from ghn_jax.data import pipeline
 from ghn_jax.deepnets1m import Genotype, NetConfig, Network
 from ghn_jax.eval import checkpoint, datasets, networks, report
+from ghn_jax.train import checkpoint as train_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GENOTYPE = Genotype(
@@ -229,6 +231,19 @@ def test_load_ghn_from_directory(tmp_path):
   ghn = checkpoint.load_ghn(str(tmp_path), 10, 32)
   assert ghn.config.hid == TINY_GHN["hid"]
   assert ghn.description["format"].startswith("ghn_jax")
+
+
+def test_load_ghn_from_orbax_checkpoint(tmp_path):
+  config = ghn_lib.ghn2_config(**TINY_GHN)
+  ghn, variables = ghn_lib.init_ghn(config, jax.random.key(1))
+  manager = train_checkpoint.create_manager(str(tmp_path), max_to_keep=1)
+  state = {"step": 7, "params": variables}
+  train_checkpoint.save(manager, 7, state, {"ghn_config": config.to_json()})
+  manager.close()
+  loaded = checkpoint.load_ghn(str(tmp_path), 10, 32)
+  assert loaded.description["format"] == "orbax checkpoint, step 7"
+  assert loaded.config == config
+  chex.assert_trees_all_equal(loaded.variables, variables)
 
 
 def test_dataset_name_error():

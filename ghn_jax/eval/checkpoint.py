@@ -8,11 +8,12 @@ Accepts a ghn_jax checkpoint directory (as meta-training writes), a GHN
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from ghn_jax import ghn as ghn_lib
 from ghn_jax.evaluate import PredictFn
@@ -22,8 +23,10 @@ from ghn_jax.evaluate import PredictFn
 CIFAR_MAX_KERNEL = ghn_lib.CIFAR10_MAX_SHAPE[2]
 IMAGENET_MAX_KERNEL = ghn_lib.IMAGENET_MAX_SHAPE[2]
 CIFAR_IMAGE_SIZE = 32
-GHN_FILE_SUFFIX = ".npz"
 TORCH_FILE_SUFFIX = ".pt"
+# File of the final GHN in a meta-training directory
+# (`ghn_jax.train.loop.GHN_FILE`).
+FINAL_GHN_FILE = "ghn.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,13 @@ class LoadedGhn:
   Attributes:
     predict_fn: `predict_fn(graph, params_template) -> params`.
     config: the GHN's hyper-parameters.
+    variables: the GHN's variables (`{'params': ...}`).
     description: JSON-ready summary for reports (path, format, config).
   """
 
   predict_fn: PredictFn
   config: ghn_lib.GHNConfig
+  variables: Any
   description: dict[str, Any]
 
 
@@ -75,22 +80,45 @@ def _read_checkpoint(path: str) -> tuple[ghn_lib.GHN, Any, str]:
 
 
 def _read_directory(path: str) -> tuple[ghn_lib.GHN, Any, str]:
-  """Read the GHN of a meta-training directory."""
-  try:
-    from ghn_jax.train import checkpointing  # noqa: PLC0415
-  except ImportError:
-    checkpointing = None
-  if checkpointing is not None and hasattr(checkpointing, "load_ghn"):
-    ghn, variables = checkpointing.load_ghn(path)
-    return ghn, variables, "ghn_jax meta-training checkpoint"
-  files = sorted(glob.glob(os.path.join(path, "*" + GHN_FILE_SUFFIX)))
-  if not files:
-    raise FileNotFoundError(
-      f"No GHN found in directory {path!r} (no *{GHN_FILE_SUFFIX} file). "
-      + _missing_message(path).split(". ", 1)[1]
+  """Read the GHN of a meta-training directory.
+
+  The final GHN (`ghn.npz`, written when meta-training ends) is preferred;
+  without it, the GHN of the latest orbax checkpoint of an unfinished run is
+  used.
+  """
+  from ghn_jax.train import checkpoint as train_checkpoint  # noqa: PLC0415
+
+  final = os.path.join(path, FINAL_GHN_FILE)
+  if os.path.exists(final):
+    ghn, variables = ghn_lib.load_ghn(final)
+    return ghn, variables, f"ghn_jax .npz ({FINAL_GHN_FILE})"
+
+  checkpoints = os.path.join(path, train_checkpoint.CHECKPOINT_DIR)
+  if os.path.isdir(checkpoints):
+    manager = ocp.CheckpointManager(
+      os.path.abspath(checkpoints), item_names=("state", "meta")
     )
-  ghn, variables = ghn_lib.load_ghn(files[-1])
-  return ghn, variables, f"ghn_jax .npz ({os.path.basename(files[-1])})"
+    step = manager.latest_step()
+    if step is not None:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+        ),
+      )
+      config = ghn_lib.GHNConfig.from_json(restored["meta"]["ghn_config"])
+      variables = jax.tree_util.tree_map(
+        jnp.asarray, restored["state"]["params"]
+      )
+      ghn_lib.check_variables(config, variables)
+      return ghn_lib.GHN(config), variables, f"orbax checkpoint, step {step}"
+
+  raise FileNotFoundError(
+    f"No GHN in directory {path!r}: neither {FINAL_GHN_FILE} nor a "
+    f"checkpoint in {train_checkpoint.CHECKPOINT_DIR}/. Run `make "
+    "meta-train` to train one, or pass --ckpt with a ghn_jax checkpoint "
+    "directory, a GHN .npz file or an original GHN-2 .pt file."
+  )
 
 
 def check_compatible(
@@ -152,4 +180,4 @@ def load_ghn(path: str, num_classes: int, image_size: int) -> LoadedGhn:
 
   description = {"path": path, "format": kind}
   description.update(dataclasses.asdict(ghn.config))
-  return LoadedGhn(predict_fn, ghn.config, description)
+  return LoadedGhn(predict_fn, ghn.config, variables, description)

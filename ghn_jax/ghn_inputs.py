@@ -21,6 +21,7 @@ bucket signature rather than once per architecture.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -276,10 +277,11 @@ def shape_indices(
     raise ValueError("node shapes must be >= 0 (0 pads missing dimensions).")
   channels, spatial = shape_tables(num_classes, max_kernel)
   ndims = shape_ndims(node_shapes)
-  shapes4 = np.ones_like(node_shapes)
-  for i, (shape, ndim) in enumerate(zip(node_shapes, ndims, strict=True)):
-    if ndim:
-      shapes4[i] = shape_to_4d(shape[:ndim])
+  # Padding zeros become 1 (shape_to_4d for 1-D, 2-D and 4-D shapes); only
+  # 3-D shapes need their special rule.
+  shapes4 = np.where(node_shapes > 0, node_shapes, 1)
+  for i in np.flatnonzero(ndims == 3):
+    shapes4[i] = shape_to_4d(node_shapes[i, :3])
   out = np.empty_like(node_shapes)
   for axis in range(2):
     small = (shapes4[:, axis] >= _SMALL_CHANNEL_RANGE[0]) & (
@@ -372,14 +374,23 @@ def _smallest_block(need: int, blocks: tuple[int, ...]) -> int:
   return next(b for b in blocks if b >= need)
 
 
+@functools.cache
+def _kernel_positions(kh: int, kw: int) -> np.ndarray:
+  """Rows (0, y, x) for every position of a kh x kw kernel, row-major."""
+  ys, xs = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+  return np.stack([np.zeros(kh * kw, np.int64), ys.ravel(), xs.ravel()], 1)
+
+
 @dataclasses.dataclass
 class _PlanBuilder:
   """Accumulate decoder positions and tensor plans over a batch of graphs."""
 
   sizes: DecoderSizes
-  positions: dict[str, list[tuple[int, int, int, float]]] = dataclasses.field(
+  # Per block: arrays of (fc slot, y, x) kernel positions and their scales.
+  positions: dict[str, list[tuple[np.ndarray, np.ndarray]]] = dataclasses.field(
     default_factory=dict
   )
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
   class_bias: list[int] = dataclasses.field(default_factory=list)
   class_weight: list[tuple[int, float]] = dataclasses.field(
     default_factory=list
@@ -399,13 +410,12 @@ class _PlanBuilder:
       _smallest_block(need[0], self.sizes.block_sizes(0)),
       _smallest_block(need[1], self.sizes.block_sizes(1)),
     )
-    slots = self.positions.setdefault(block, [])
-    start = len(slots)
-    scale = _fan_in_scale(shape, self.sizes)
-    fc = self.fc_slot(node)
-    for y in range(kh):
-      for x in range(kw):
-        slots.append((fc, y, x, scale))
+    start = self.counts.get(block, 0)
+    self.counts[block] = start + kh * kw
+    table = _kernel_positions(kh, kw).copy()
+    table[:, 0] = self.fc_slot(node)
+    scale = np.full(kh * kw, _fan_in_scale(shape, self.sizes), np.float32)
+    self.positions.setdefault(block, []).append((table, scale))
     return block, start, (kh, kw), need
 
 
@@ -681,11 +691,12 @@ def _decoder_inputs(builder: _PlanBuilder, num_graphs: int) -> dict:
     class_weight_fc[i], class_weight_scale[i] = fc, scale
   blocks = {}
   for name, entries in sorted(builder.positions.items()):
-    count = bucket(len(entries), _MIN_POSITIONS)
+    used = builder.counts[name]
+    count = bucket(used, _MIN_POSITIONS)
     table = np.zeros((count, 3), np.int32)
     scale = np.zeros(count, np.float32)
-    table[: len(entries)] = [e[:3] for e in entries]
-    scale[: len(entries)] = [e[3] for e in entries]
+    table[:used] = np.concatenate([e[0] for e in entries])
+    scale[:used] = np.concatenate([e[1] for e in entries])
     blocks[name] = {"position": table, "scale": scale}
   return {
     "fc_nodes": fc_nodes,

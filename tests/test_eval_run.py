@@ -17,6 +17,10 @@ from ghn_jax.eval import checkpoint, datasets, networks, report
 from ghn_jax.train import checkpoint as train_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_DIR = os.environ.get(
+  "GHN_REFERENCE_DIR",
+  os.path.join(REPO_ROOT, "..", "shared", "ghn2_reference"),
+)
 TINY_GENOTYPE = Genotype(
   normal=(("conv_3x3", 0), ("skip_connect", 1)),
   normal_concat=(2,),
@@ -244,6 +248,18 @@ def test_load_ghn_from_orbax_checkpoint(tmp_path):
   assert loaded.description["format"] == "orbax checkpoint, step 7"
   assert loaded.config == config
   chex.assert_trees_all_equal(loaded.variables, variables)
+
+
+def test_load_ghn_from_ppuda_checkpoint():
+  path = os.path.join(REFERENCE_DIR, "ghn_random.pt")
+  if not os.path.exists(path):
+    pytest.skip(f"{path} not found (set GHN_REFERENCE_DIR)")
+  loaded = checkpoint.load_ghn(path, 10, 32)
+  assert loaded.description["format"] == "ppuda .pt (converted)"
+  assert loaded.config.hid == 32
+  assert loaded.config.max_shape == ghn_lib.CIFAR10_MAX_SHAPE
+  with pytest.raises(ValueError, match="10 classes"):
+    checkpoint.load_ghn(path, 100, 32)
 
 
 def test_dataset_name_error():

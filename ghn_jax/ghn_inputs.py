@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from ghn_jax import graph as graph_lib
 
@@ -42,6 +43,7 @@ _SMALL_CHANNELS = (1, 3)
 # Channel counts in [4, 8) use the entry of 8, spatial size 2 the entry of 3.
 _SMALL_CHANNEL_RANGE = (4, 8)
 _SPATIAL_TWO, _SPATIAL_TWO_AS = 2, 3
+_MAX_LOGGED_SIZES = 10
 
 # Fan-in normalisation of predicted tensors (GHN-2 paper, Sec. 4): gain 2
 # for layers followed by ReLU, 1 for depthwise or (k_h < k_w) kernels.
@@ -250,6 +252,31 @@ def shape_ndims(node_shapes: np.ndarray) -> np.ndarray:
   return np.cumprod(nonzero, axis=1).sum(axis=1)
 
 
+def _warn_unseen_sizes(
+  shapes4: np.ndarray,
+  index: np.ndarray,
+  channels: np.ndarray,
+  spatial: np.ndarray,
+) -> None:
+  """Log sizes that the shape encoder replaces by another table entry."""
+  used = np.concatenate([channels[index[:, :2]], spatial[index[:, 2:]]], axis=1)
+  changed = shapes4 != used
+  if changed.any():
+    pairs = sorted(
+      {
+        (int(a), int(b))
+        for a, b in zip(shapes4[changed], used[changed], strict=True)
+      }
+    )
+    logging.warning(
+      "%d shape sizes are not in the shape encoder's tables and use the "
+      "nearest (or last) entry instead, as in the original GHN-2: "
+      "(size, entry used) %s",
+      len(pairs),
+      pairs[:_MAX_LOGGED_SIZES],
+    )
+
+
 def shape_indices(
   node_shapes: np.ndarray, num_classes: int, max_kernel: int
 ) -> np.ndarray:
@@ -293,6 +320,7 @@ def shape_indices(
   for axis in range(2, 4):
     two = shapes4[:, axis] == _SPATIAL_TWO
     out[:, axis] = _lookup(spatial, shapes4[:, axis], (two, _SPATIAL_TWO_AS))
+  _warn_unseen_sizes(shapes4[ndims > 0], out[ndims > 0], channels, spatial)
   dummy = np.array(
     [len(channels), len(channels), len(spatial), len(spatial)], np.int64
   )

@@ -542,3 +542,12 @@ def test_empty_inputs_raise(ghn2):
 def test_invalid_config_raises(overrides, message):
   with pytest.raises(ValueError, match=message):
     ghn_lib.GHNConfig(**overrides)
+
+
+def test_unseen_shape_sizes_are_logged(caplog):
+  shapes = np.array([[100, 3, 3, 3], [9000, 16, 13, 13]])
+  with caplog.at_level("WARNING"):
+    ghn_inputs.shape_indices(shapes, 10, 11)
+  assert "(100, 96)" in caplog.text
+  assert "(9000, 8192)" in caplog.text
+  assert "(13, 14)" in caplog.text

@@ -1,12 +1,14 @@
 """Evaluation of predicted parameters against random initialisation and SGD.
 
-Follows the GHN-2 paper's protocol (Knyazev et al., NeurIPS 2021, Sec. 5.1):
-the GHN predicts all parameters of a network once, and the network is scored
-by top-1 accuracy on the test images, with every batch-norm layer normalising
-with the statistics of the current test batch of 64 images. The same networks
-are scored with random fan-in initialisation and after k steps of SGD from
-random initialisation. One GHN forward pass is then worth an equivalent
-number of SGD steps (the paper reports about 2,500 on CIFAR-10).
+Follows the evaluation protocol of GHN-2 (Knyazev et al., "Parameter
+Prediction for Unseen Deep Architectures", NeurIPS 2021, and ppuda's
+`experiments/eval_ghn.py`). The GHN predicts all parameters of a network
+once, and the network is scored by top-1 accuracy on the test images, with
+every batch-norm layer normalising with the statistics of the current test
+batch of 64 images. The same networks are scored with random fan-in
+initialisation and after k steps of SGD from random initialisation. One GHN
+forward pass is then worth an equivalent number of SGD steps (the paper
+reports about 2,500 on CIFAR-10).
 
 The networks, the GHN and the data come in through small interfaces
 (`EvalNet`, a `PredictFn`, `ImageData`), so the same code evaluates
@@ -57,8 +59,8 @@ SGD_GRAD_CLIP_NORM = 5.0
 # Name of the positional-encoding leaf in DeepNets-1M ViT-style networks.
 POS_ENC_LEAF = "embedding"
 
-# SGD steps that one forward pass of GHN-2 is worth on CIFAR-10, as reported
-# in the GHN-2 paper (abstract and Sec. 5.1).
+# SGD steps that one forward pass of GHN-2 is worth on CIFAR-10.
+# NOTE: a figure quoted from the GHN-2 paper, not re-derived here.
 PAPER_SGD_EQUIVALENT_STEPS = 2500
 
 

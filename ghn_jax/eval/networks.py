@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from ghn_jax import evaluate
 from ghn_jax.eval import batch_norm
 
-# DeepNets-1M evaluation splits of the GHN-2 paper (Sec. 3): in-distribution
-# validation and test networks, and out-of-distribution wide, deep, dense
-# and batch-norm-free networks.
+# DeepNets-1M evaluation splits (ppuda `experiments/net_generator.py`):
+# in-distribution validation and test networks, and out-of-distribution
+# wide, deep, dense and batch-norm-free networks.
 SPLITS = ("val", "test", "wide", "deep", "dense", "bnfree")
 PREDEFINED_SPLIT = "predefined"
 # Predefined networks, adjusted to 32x32 inputs: ResNet-18/50 (torchvision
@@ -30,8 +30,9 @@ PREDEFINED_SPLIT = "predefined"
 # DARTS (16 channels, 8 cells).
 PREDEFINED = ("resnet18", "resnet50", "vit", "darts")
 SPLIT_CHOICES = ("all", *SPLITS, PREDEFINED_SPLIT)
-# Networks per split in the GHN-2 paper (Table 1): 500 in-distribution
-# validation and test networks, 100 in each out-of-distribution split.
+# Networks per split: 500 validation and 500 test networks, 100 in each
+# out-of-distribution split, which with the 2 predefined networks of the
+# original makes its evaluation set of 1,402 networks.
 SPLIT_SIZES = {
   "val": 500,
   "test": 500,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ghn_jax import graph as graph_lib
-from ghn_jax import graph_builder
+from ghn_jax import graph_builder, graph_tracer
 from ghn_jax.deepnets1m import plan as plan_lib
 from ghn_jax.deepnets1m.config import NetConfig
 
@@ -33,13 +33,13 @@ class _Emitter:
       spec.path: spec for spec in plan_lib.param_specs(config) if spec.live
     }
     shapes = {path: spec.shape for path, spec in self.specs.items()}
-    self.tracer = graph_builder._Tracer({}, shapes, {})
+    self.tracer = graph_tracer.Tracer({}, shapes, {})
 
   # Nodes.
 
   def _param(self, path: str, op: str, inputs: Frontier) -> Frontier:
     spec = self.specs[path]
-    node = graph_builder._Node(
+    node = graph_tracer.Node(
       op, spec.torch_shape, spec.perm, param=path, name=path
     )
     index = self.tracer.add_node(node, inputs)
@@ -47,7 +47,7 @@ class _Emitter:
     return frozenset([index])
 
   def _op(self, op: str, inputs: Frontier, name: str = "", shape=()):
-    node = graph_builder._Node(op, shape, name=name or op)
+    node = graph_tracer.Node(op, shape, name=name or op)
     return frozenset([self.tracer.add_node(node, inputs)])
 
   def _merge(self, op: str, parts: Sequence[Frontier]) -> Frontier:
@@ -175,7 +175,7 @@ class _Emitter:
 
   def stem(self) -> tuple[Frontier | None, Frontier | None]:
     config = self.config
-    x = frozenset([self.tracer.add_node(graph_builder._Node("input"), _EMPTY)])
+    x = frozenset([self.tracer.add_node(graph_tracer.Node("input"), _EMPTY)])
     if config.vit:
       x = self.conv("stem0/conv", x)
       pos = self._param("pos_enc/embedding", "pos_enc", _EMPTY)
@@ -226,7 +226,7 @@ def build_deepnets_graph_with_report(
   emitter = _Emitter(config)
   output = emitter.network()
   sizes = {path: spec.size for path, spec in emitter.specs.items()}
-  return graph_builder._finish(emitter.tracer, output, sizes, strict=True)
+  return graph_builder.finish_graph(emitter.tracer, output, sizes, strict=True)
 
 
 def build_deepnets_graph(config: NetConfig) -> graph_lib.Graph:

@@ -5,7 +5,7 @@ Tracing a network with `jax.make_jaxpr` (`graph_builder.build_graph`) takes
 module emits the same nodes and edges without tracing: it walks the network
 structure of `deepnets1m.plan.build_plan` in the order in which
 `deepnets1m.net.Network` calls its modules, applying the rules of
-`graph_builder`. `tests/test_graph_builder.py` checks that both builders give
+`graph_tracer`. `tests/test_graph_builder.py` checks that both builders give
 identical graphs. Any change to the order of module calls in `net.py` or
 `layers.py` must be mirrored here.
 """

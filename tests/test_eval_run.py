@@ -357,3 +357,20 @@ def test_compare_finetuning_needs_training_data(tmp_path):
     evaluate.compare_finetuning(
       _tiny_builders()[0](), ghn.predict_fn, data, evaluate.SgdConfig()
     )
+
+
+def test_load_eval_data_cifar10_mock():
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  with tfds.testing.mock_data(num_examples=100):
+    data = datasets.load_eval_data(
+      "cifar10", test_images=70, calibration_batches=1
+    )
+    images, labels = next(data.train_batches_fn(32, 0))
+  assert data.name == "cifar10"
+  assert data.test.images.shape == (70, 32, 32, 3)
+  assert data.test.images.dtype == np.float32
+  assert data.calibration.images.shape == (64, 32, 32, 3)
+  assert images.shape == (32, 32, 32, 3)
+  assert labels.shape == (32,)
+  assert np.all((data.test.labels >= 0) & (data.test.labels < 10))

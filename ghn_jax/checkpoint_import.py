@@ -2,7 +2,7 @@
 
 A checkpoint saved by `torch.save` is a zip archive holding `data.pkl` (the
 pickled object) and the raw bytes of every tensor storage under `data/`.
-`read_torch_checkpoint` unpickles it with a restricted unpickler that knows
+`read_torch_checkpoint` unpickles it with a restricted unpickler that accepts
 only the few globals a state dict needs (tensor rebuilding, storage types,
 `OrderedDict`) and rejects every other global, so no code from the file
 runs. `variables_from_state_dict` maps the PyTorch parameter names of a
@@ -152,7 +152,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         array = np.frombuffer(raw, dtype)
       if array.size < numel:
         raise ValueError(
-          f"storage {name!r} holds {array.size} elements, expected {numel}."
+          f"storage {name!r} has {array.size} elements, expected {numel}."
         )
       self._storages[key] = _Storage(array)
     return self._storages[key]
@@ -347,7 +347,7 @@ def load_torch_ghn(path: str) -> tuple[ghn_lib.GHN, dict, dict]:
   checkpoint = read_torch_checkpoint(path)
   if not isinstance(checkpoint, Mapping):
     raise ValueError(
-      f"{path} holds a {type(checkpoint).__name__}, not a GHN checkpoint "
+      f"{path} contains a {type(checkpoint).__name__}, not a GHN checkpoint "
       "dict with 'state_dict' and 'config'."
     )
   for key in ("state_dict", "config"):

@@ -11,9 +11,9 @@ all of its parameters in one forward pass:
    virtual edges weighted by 1 / shortest-path distance (Eq. 4), node
    updates by a GRU cell;
 3. layer norm of the node embeddings (GHN-2);
-4. decoders: a convolutional decoder for 2-D/4-D tensors (and the
-   classifier weight), an MLP for 1-D tensors, a small layer for the
-   classifier bias; fan-in normalisation of the predictions (Sec. 4).
+4. decoders: a convolutional decoder for 2-D and 4-D tensors and the
+   classifier weight, an MLP for 1-D tensors, and a small layer for the
+   classifier bias. Predictions are then normalised by fan-in (Sec. 4).
 
 The arithmetic follows the reference implementation (ppuda, commit 4673a42)
 so that its checkpoints load and its predictions are reproduced to float32
@@ -82,8 +82,8 @@ class GHNConfig:
     gnn: `gated` (gated GNN with GRU updates) or `mlp` (no message
       passing, a 2-layer MLP per node: the MLP-GHN baseline).
     virtual_edges: use virtual edges (GHN-2, Eq. 4).
-    virtual_edge_cutoff: longest shortest path that gets a virtual edge
-      when graphs are converted.
+    virtual_edge_cutoff: maximum shortest-path length that gets a virtual
+      edge when graphs are converted.
     layernorm: layer norm of the node embeddings before decoding.
     weight_norm: normalise predicted tensors (fan-in, sigmoid and tanh).
     num_sweeps: T, number of forward + backward sweeps of the gated GNN.
@@ -296,8 +296,8 @@ def _gated_gnn(h: Array, gnn: dict, inputs: dict, num_sweeps: int) -> Array:
   at once: the levels in order (forward sweep, messages along incoming
   edges), then in reverse order (backward sweep, outgoing edges). After a
   node is updated, its outgoing messages mlp(h) and mlp_ve(h) are stored,
-  so later steps read them instead of recomputing the MLPs per edge; every
-  neighbour read was updated earlier in the same sweep.
+  so later steps read them instead of recomputing the MLPs per edge. This is
+  exact because every neighbour read was updated earlier in the same sweep.
   """
   message_mlp = gnn["message_mlp"]
   virtual_mlp = gnn.get("virtual_message_mlp")
@@ -438,11 +438,12 @@ class GHN(nn.Module):
     """Run the decoders on the positions planned in `inputs`.
 
     Returns:
-      `vector` (num_nodes, 2, max_ch): normalised 1-D predictions (row 0
-      weights, row 1 biases); `class_bias` (slots, 2, num_classes);
-      `class_weight` (slots, num_classes, max_in); `blocks`: per block
-      `"{out}x{in}"` an array (positions, out, in) of scaled conv-decoder
-      outputs, one row per kernel position.
+      A dict of arrays. `vector` (num_nodes, 2, max_ch) holds normalised
+      1-D predictions, row 0 for weights and row 1 for biases.
+      `class_bias` (slots, 2, num_classes) and `class_weight` (slots,
+      num_classes, max_in) are the classifier predictions. `blocks` maps
+      each block name `"{out}x{in}"` to an array (positions, out, in) of
+      scaled conv-decoder outputs, one row per kernel position.
     """
     cfg = self.config
     out_ch, in_ch, kh, kw = cfg.max_shape
@@ -521,8 +522,8 @@ def init_ghn(config: GHNConfig, rng: Array) -> tuple[GHN, PyTree]:
     `(ghn, params)`, params being the `{'params': ...}` variables.
   """
   # Sampling on the host avoids compiling one random-number kernel per
-  # parameter (about 10 s on a 2-core CPU); `GHN.init` gives the same
-  # distributions with JAX's generator.
+  # parameter, which took about 10 s on a 2-core CPU. `GHN.init` draws from
+  # the same distributions with JAX's generator.
   ghn, shapes = init_ghn_shapes(config)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
@@ -581,7 +582,7 @@ def prepare_inputs(
 
 @functools.cache
 def _jitted_apply(config: GHNConfig) -> Callable:
-  """One jitted GHN forward per config (JAX caches one compile per bucket)."""
+  """Return the jitted GHN forward of a config (compiled once per bucket)."""
   return jax.jit(GHN(config).apply)
 
 

@@ -357,7 +357,7 @@ class DecoderSizes:
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
-  """How one predicted tensor is read from the GHN's decoder outputs.
+  """Recipe for reading one predicted tensor out of the decoder outputs.
 
   Attributes:
     path: parameter path ('/'-joined).
@@ -453,6 +453,7 @@ def _check_spec(spec: GraphSpec) -> None:
   ops = np.asarray(spec.node_ops)
   if n == 0:
     raise ValueError("the graph has no nodes; the GHN needs at least one.")
+
   if ops.shape != (n,):
     raise ValueError(f"node_ops has shape {ops.shape}, expected ({n},).")
   bad = np.flatnonzero((ops < 0) | (ops >= NUM_OPS))
@@ -467,11 +468,13 @@ def _check_spec(spec: GraphSpec) -> None:
       f"({n}, {MAX_TENSOR_DIMS}); tensors with more than "
       f"{MAX_TENSOR_DIMS} dimensions are not supported."
     )
+
   for name in ("node_params", "node_extra_params"):
     if len(getattr(spec, name)) != n:
       raise ValueError(
         f"{name} has {len(getattr(spec, name))} entries, not {n}"
       )
+
   senders, receivers = np.asarray(spec.senders), np.asarray(spec.receivers)
   weight = np.asarray(spec.edge_weight)
   if not senders.shape == receivers.shape == weight.shape:
@@ -479,6 +482,7 @@ def _check_spec(spec: GraphSpec) -> None:
       f"senders {senders.shape}, receivers {receivers.shape} and edge "
       f"weights {weight.shape} must have the same length."
     )
+
   if senders.size:
     if senders.min() < 0 or receivers.max() >= n:
       raise ValueError(f"edge node indices must be in [0, {n}).")
@@ -613,10 +617,10 @@ def prepare_batch(
   level_nodes = np.full((pad_levels, pad_width), num_nodes, np.int32)
   level_nodes[slot[:, 0], slot[:, 1]] = np.arange(total)
 
-  # One schedule for both sweeps: steps 0..L-1 update the levels in order
-  # and read incoming edges (forward sweep), steps L..2L-1 update them in
-  # reverse order and read outgoing edges (backward sweep), so the GHN runs
-  # both sweeps in a single scan.
+  # One schedule covers both sweeps, so the GHN runs them in a single scan.
+  # Steps 0..L-1 update the levels in order and read incoming edges (the
+  # forward sweep). Steps L..2L-1 update them in reverse order and read
+  # outgoing edges (the backward sweep).
   forward_step = slot[receivers, 0]
   backward_step = 2 * pad_levels - 1 - slot[senders, 0]
   edge_tables = _edge_table(

@@ -1,7 +1,7 @@
 """GHN-2 forward pass against test vectors of the original implementation.
 
 The folder named by `GHN_REFERENCE_DIR` (default: `../shared/ghn2_reference`
-next to the repository) holds the original GHN-2's state dict
+next to the repository) contains the original GHN-2's state dict
 (`ghn_state_dict.npz`, a randomly initialised GHN with the CIFAR-10
 configuration) and, per architecture, an `<arch>.npz` with the graph arrays,
 the intermediate node embeddings and every parameter tensor the original
@@ -70,7 +70,10 @@ def check_against_reference(outputs: dict, plans, arrays) -> None:
   n = len(arrays["node_op_idx"])
   for key in ("x_shape_enc", "x_gnn", "x_final"):
     np.testing.assert_allclose(
-      np.asarray(outputs[key])[:n], arrays[key], rtol=0, atol=EMBEDDING_ATOL,
+      np.asarray(outputs[key])[:n],
+      arrays[key],
+      rtol=0,
+      atol=EMBEDDING_ATOL,
       err_msg=key,
     )
   outputs = jax.device_get(outputs)
@@ -78,7 +81,9 @@ def check_against_reference(outputs: dict, plans, arrays) -> None:
     plan.path: ghn_inputs.assemble_tensor(outputs, plan, np) for plan in plans
   }
   expected = {
-    k[len("param/") :]: arrays[k] for k in arrays.files if k.startswith("param/")
+    k[len("param/") :]: arrays[k]
+    for k in arrays.files
+    if k.startswith("param/")
   }
   assert sorted(predicted) == sorted(expected)
   for name, value in expected.items():

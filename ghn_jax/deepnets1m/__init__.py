@@ -1,18 +1,28 @@
-"""DeepNets-1M: the architecture space GHN-2 is trained and evaluated on."""
+"""DeepNets-1M: the architecture space GHN-2 is trained and evaluated on.
 
-from ghn_jax.deepnets1m.config import NetConfig, config_from_net_args
-from ghn_jax.deepnets1m.genotypes import DARTS, PDARTS, VIT, Genotype
-from ghn_jax.deepnets1m.net import Network
-from ghn_jax.deepnets1m.plan import count_params, param_specs
+Names are imported on first use, so the sampler and dataset modules (used by
+worker processes that generate architectures) load without JAX and Flax.
+"""
 
-__all__ = [
-  "DARTS",
-  "PDARTS",
-  "VIT",
-  "Genotype",
-  "NetConfig",
-  "Network",
-  "config_from_net_args",
-  "count_params",
-  "param_specs",
-]
+import importlib
+
+_EXPORTS = {
+  "DARTS": "genotypes",
+  "PDARTS": "genotypes",
+  "VIT": "genotypes",
+  "Genotype": "genotypes",
+  "NetConfig": "config",
+  "config_from_net_args": "config",
+  "Network": "net",
+  "count_params": "plan",
+  "param_specs": "plan",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+  return getattr(module, name)

@@ -321,9 +321,11 @@ def generate_split(
       rejections.update(generate_shard(*arg))
       bar.update(sizes[k])
   else:
+    # Spawned workers import only NumPy and the sampler (not JAX), so they
+    # start fast and share no threads with the parent.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-      num_workers, mp_context=context
+      min(num_workers, num_shards), mp_context=context
     ) as pool:
       futures = {
         pool.submit(generate_shard, *arg): k for k, arg in enumerate(args)

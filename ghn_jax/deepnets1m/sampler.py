@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
-from scipy import special
 
 from ghn_jax.deepnets1m import genotypes as genotypes_lib
 from ghn_jax.deepnets1m import plan as plan_lib
@@ -196,7 +195,8 @@ def sample_genotype(
     logits[:, :, genotypes_lib.OPERATION_INDEX["msa"]] = _EXCLUDED_LOGIT
   if not allow_none:
     allowed[:, genotypes_lib.OPERATION_INDEX["none"]] = False
-  probs = special.softmax(logits, axis=-1)
+  exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  probs = exp / exp.sum(axis=-1, keepdims=True)
   normal = _parse_cell(probs[0], steps, allowed[0])
   reduce = _parse_cell(probs[1], steps, allowed[1])
 

@@ -160,7 +160,9 @@ def test_predefined_configs_build():
     for name, config in sampler_lib.predefined_configs(imagenet).items():
       assert plan_lib.count_params(config) > 0, name
   vit = sampler_lib.predefined_configs()["ViT"]
-  assert vit.vit and vit.channels == 128 and vit.num_cells == 12
+  assert vit.vit
+  assert vit.channels == 128
+  assert vit.num_cells == 12
 
 
 # Dataset on disk
@@ -227,7 +229,7 @@ def test_generate_split_resumes_missing_shard(tmp_path):
 def test_generate_split_rejects_other_settings(tmp_path):
   directory = str(tmp_path / "test")
   dataset_lib.generate_split(directory, "test", 2, progress=False)
-  with pytest.raises(ValueError, match="different dataset"):
+  with pytest.raises(ValueError, match="dataset with other settings"):
     dataset_lib.generate_split(directory, "test", 2, seed=5, progress=False)
   with pytest.raises(ValueError, match="'nope'"):
     dataset_lib.generate_split(directory, "nope", 2, progress=False)

@@ -85,7 +85,7 @@ def test_conv2d_one_pixel_input():
   x = np.ones((1, 1, 1, 2), np.float32)
   kernel = np.ones((3, 3, 2, 5), np.float32)
   y = nn_ops.conv2d(x, kernel, padding=((1, 1), (1, 1)))
-  # Only the kernel centre sees the single pixel: 2 channels * 1.
+  # Only the kernel centre overlaps the single pixel: 2 channels * 1.
   np.testing.assert_allclose(y, np.full((1, 1, 1, 5), 2.0))
 
 

@@ -17,7 +17,7 @@ from ghn_jax.deepnets1m import genotypes as genotypes_lib
 # Norm settings of the original that all mean batch norm. DeepNets-1M
 # networks use 'bnorm' (no running statistics); the original Network's
 # default is 'bn-track'. This implementation always normalises with batch
-# statistics, as a GHN sees its networks.
+# statistics, which is how a GHN trains and evaluates its networks.
 BATCH_NORM_NAMES = ("bn", "bnorm", "bn-track")
 NO_NORM_NAMES = (None, "", "none")
 STEM_TYPES = (0, 1)

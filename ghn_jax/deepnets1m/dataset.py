@@ -1,6 +1,6 @@
 """DeepNets-1M on disk: generation in shards, reading, meta-batch loading.
 
-A split directory holds `meta.json` (split, seed, counts, shard size) and
+A split directory contains `meta.json` (split, seed, counts, shard size) and
 `shard_00000.npz`, ... Each shard stores `shard_size` architectures as
 integer arrays (no pickles): one row per network with its scalar settings,
 its genotype as operation and input-state indices, its concatenation as a
@@ -246,7 +246,7 @@ def _write_meta(directory: str, meta: dict[str, Any]) -> None:
     keys = ("split", "seed", "num", "shard_size", "format_version")
     if any(existing.get(k) != meta[k] for k in keys):
       raise ValueError(
-        f"{directory} holds a different dataset "
+        f"{directory} contains a dataset with other settings "
         f"({ {k: existing.get(k) for k in keys} }); use another directory "
         f"or the same settings ({ {k: meta[k] for k in keys} }) to resume."
       )
@@ -287,7 +287,7 @@ def generate_split(
 
   Raises:
     ValueError: on an unknown split, a non-positive `num` or `shard_size`,
-      or a directory that holds a dataset with other settings.
+      or a directory that contains a dataset with other settings.
   """
   sampler_lib.split_settings(split)
   if num < 1 or shard_size < 1:

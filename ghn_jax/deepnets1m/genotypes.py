@@ -85,7 +85,7 @@ class Genotype:
     return tuple(op for op, _ in self.normal + self.reduce)
 
   def has_op(self, op: str) -> bool:
-    """Whether any edge of either cell type uses operation `op`."""
+    """Check whether any edge of either cell type uses operation `op`."""
     return op in self.all_ops()
 
   def to_dict(self) -> dict[str, list]:

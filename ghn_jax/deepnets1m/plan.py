@@ -1,9 +1,10 @@
 """Static structure of a DeepNets-1M network: channels, sizes and liveness.
 
 `build_plan` derives from a `NetConfig` everything the Flax network needs to
-create its modules: the channels and strides of every cell, which states of
-a cell can hold a value (a state is empty when all operations feeding it are
-`none` or read empty states) and which modules reach the logits. Modules
+create its modules. It computes the channels and strides of every cell and
+which states of a cell have a value; a state is empty when all operations
+feeding it are `none` or read empty states. It also finds which modules
+reach the logits. Modules
 that do not reach the logits (for example the preprocessing of a cell input
 that only `none` operations read) are not created: the original creates
 them but its GHN removes them from the network before predicting
@@ -84,12 +85,12 @@ class CellPlan:
     channels_in: channels of states 0 and 1 after preprocessing.
     channels_out: channels of each sum node (state >= 2).
     strides: stride of each edge's operation.
-    input_present: whether each of the two inputs holds a value.
-    state_present: whether each state holds a value.
+    input_present: whether each of the two inputs has a value.
+    state_present: whether each state has a value.
     preprocess_live: whether each input's preprocessing reaches the logits.
     edge_live: whether each edge's operation is computed and reaches the
       logits.
-    output_present: whether the cell output holds a value.
+    output_present: whether the cell output has a value.
     live: whether the cell output reaches the logits.
     resolution: height (= width) of the cell output.
   """
@@ -221,7 +222,7 @@ def build_plan(config: NetConfig) -> NetPlan:
   Raises:
     ValueError: if the network output is empty (all paths from the input
       to the output pass through `none` operations: a disconnected graph),
-      or if channels or resolutions of a cell do not match.
+      or if the two inputs of a cell have different resolutions.
   """
   genotype = config.genotype
   num_cells = config.num_cells
@@ -229,8 +230,8 @@ def build_plan(config: NetConfig) -> NetPlan:
   channels_prev_prev = channels_prev = stem_channels
   channels_curr = config.channels
   reduction_prev = config.stem_type == 1 and not config.vit
-  # NOTE: the original sets `reduction_prev` from the stem type for ViT
-  # networks too, but ignores it in ViT cells.
+  # The original also sets `reduction_prev` for ViT networks, but their
+  # cells ignore it.
   # Outputs seen by the next cell: (present, resolution) of inputs 0 and 1.
   inputs = [(True, res0), (True, res1)]
   raw = []
@@ -308,8 +309,7 @@ def build_plan(config: NetConfig) -> NetPlan:
       needed[index - 1] = True
     if live and preprocess_live[0] and preprocess_live[1]:
       _check_input_resolutions(item, config)
-    input_resolutions = item.pop("input_resolutions")
-    del input_resolutions
+    item.pop("input_resolutions")
     cells[index] = CellPlan(
       preprocess_live=preprocess_live,
       edge_live=edge_live,

@@ -1,10 +1,11 @@
 """Random architectures of DeepNets-1M, split by split.
 
 Follows the rules of the original generator (`experiments/net_generator.py`
-of ppuda, Knyazev et al., 2021): a number of cells, sum nodes per cell, a
-random genotype over the 15 operations, stem, classifier and normalisation
-choices, then rejection of genotypes that are hard to train, networks over
-a parameter cap and networks without a path from input to output.
+of ppuda, Knyazev et al., 2021). It draws a number of cells, sum nodes per
+cell, a random genotype over the 15 operations, and the stem, classifier
+and normalisation settings. It then rejects genotypes that are hard to
+train, networks over a parameter cap and networks without a path from input
+to output.
 
 Randomness comes from one `numpy.random.Generator`, so a split is
 reproducible from a seed. The original interleaves torch, numpy and Python
@@ -60,13 +61,13 @@ class SplitSettings:
   """Ranges of the generator for one split.
 
   Attributes:
-    min_steps: fewest sum nodes per cell.
-    medium_steps: most sum nodes per cell in deep networks.
-    max_steps: most sum nodes per cell in shallow networks.
-    min_cells: fewest cells.
+    min_steps: minimum number of sum nodes per cell.
+    medium_steps: maximum number of sum nodes per cell in deep networks.
+    max_steps: maximum number of sum nodes per cell in shallow networks.
+    min_cells: minimum number of cells.
     deep_thresholds: a network is deep when it has more cells than a
       threshold drawn from these.
-    max_cells: most cells.
+    max_cells: maximum number of cells.
     max_params: parameter cap at 32 channels (CIFAR and ImageNet inputs).
     norm: 'random' (batch norm, or none with probability 1/2 for networks
       of at most `min_cells + 1` cells and `medium_steps` sum nodes), 'bn'
@@ -212,10 +213,11 @@ def sample_genotype(
 def genotype_rejection(genotype: genotypes_lib.Genotype) -> str | None:
   """Return why the generator rejects a genotype, or None to keep it.
 
-  Rejected: squeeze-excitation (`cse`) without any convolution, more than
-  one `cse` in a cell type (GHN training on those often diverged), more
-  than one 5x5/7x7 dense conv in a cell type (memory), and genotypes
-  without any conv, `cse` or `msa` (nothing to learn).
+  The original rejects squeeze-excitation (`cse`) without any convolution
+  and more than one `cse` in a cell type, because GHN training on those
+  often diverged. It rejects more than one 5x5/7x7 dense conv in a cell
+  type to save memory, and genotypes without any conv, `cse` or `msa`,
+  which have nothing to learn.
   """
   ops = genotype.all_ops()
   has_cse = "cse" in ops
@@ -365,7 +367,7 @@ def sample_architectures(
 def split_rng(split: str, seed: int, shard: int = 0) -> np.random.Generator:
   """Return the random generator of one shard of a split.
 
-  Test and wide share their stream, so the wide split holds the test
+  Test and wide share their stream, so the wide split contains the test
   architectures.
   """
   stream = split_settings(split).stream
@@ -397,11 +399,11 @@ def sample_training_width(
   """Draw (channels, fc_dim) for one training use of a network.
 
   Larger networks get fewer channels, as in the original's training
-  loader: 32 channels when the network has over 0.8M parameters at
-  generator width, a flattening head, a 5x5/7x7 conv or over 12 cells; up
-  to 48 over 0.4M or 10 cells; up to 64 over 0.2M or 8 cells; else up to
-  128. fc_dim is 64..256, or 64..512 for unrestricted networks that drew at
-  most 64 channels.
+  loader. A network gets 32 channels when it has over 0.8M parameters at
+  generator width, a flattening head, a 5x5/7x7 conv or over 12 cells. It
+  gets up to 48 channels over 0.4M parameters or 10 cells, up to 64 over
+  0.2M or 8 cells, and up to 128 otherwise. fc_dim is 64..256, or 64..512
+  for unrestricted networks that drew at most 64 channels.
 
   Args:
     config: the network.

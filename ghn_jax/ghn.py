@@ -580,15 +580,41 @@ def prepare_inputs(
   )
 
 
+# XLA options of the jitted decoders on CPU (see `_jitted_apply`).
+DECODER_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 @functools.cache
-def _jitted_apply(config: GHNConfig) -> Callable:
-  """Return the jitted GHN forward of a config (compiled once per bucket)."""
-  return jax.jit(GHN(config).apply)
+def _jitted_apply(config: GHNConfig) -> tuple[Callable, Callable]:
+  """Return the jitted node embedding and decoding of a config.
+
+  Each compiles once per bucket of input sizes. They are two programs so
+  that the decoders, which spend their time in matrix-product library calls,
+  can skip LLVM's optimisation passes on CPU. That halves their compile time
+  (0.38 s to 0.21 s of CPU for the ResNet-50 graph on a 2-core x86 machine)
+  at no measurable run-time cost. The sweeps keep the full optimisation
+  because their gathers run about 5 times slower without it.
+  """
+  ghn = GHN(config)
+  embed = jax.jit(functools.partial(ghn.apply, method=GHN.embed_nodes))
+  options = DECODER_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  decode = jax.jit(
+    functools.partial(ghn.apply, method=GHN.decode),
+    compiler_options=options,
+  )
+  return embed, decode
 
 
 def apply_jit(ghn: GHN, variables: PyTree, inputs: dict) -> dict:
-  """Run the GHN on padded inputs with the cached jitted forward."""
-  return _jitted_apply(ghn.config)(variables, inputs)
+  """Run the GHN on padded inputs with the cached jitted programs.
+
+  Returns:
+    The outputs of `GHN.__call__`.
+  """
+  embed, decode = _jitted_apply(ghn.config)
+  embeddings = embed(variables, inputs)
+  outputs = decode(variables, embeddings["x_final"], inputs)
+  return {**embeddings, **outputs}
 
 
 def assemble_params(

@@ -431,6 +431,12 @@ class _PlanBuilder:
   def add_conv(self, node: int, shape: tuple[int, ...]) -> tuple:
     """Register the kernel positions of a 2-D or 4-D tensor."""
     max_out, max_in, max_kh, max_kw = self.sizes.max_shape
+    # NOTE: channel (o, i) of the decoder output is read at o * max_in + i
+    # for every tensor; the original's sliced decoder path computes the same
+    # entries when max_in is a multiple of the needed input channels and
+    # raises otherwise (e.g. 20 input channels). Kernels larger than the
+    # decoder's are tiled periodically, where the original tiles 2x2 only
+    # when both kernel sides exceed it in that path and raises elsewhere.
     kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
     kh, kw = min(kh, max_kh), min(kw, max_kw)
     need = (min(shape[0], max_out), min(shape[1], max_in))

@@ -13,7 +13,7 @@ from ghn_jax.deepnets1m import genotypes as genotypes_lib
 from ghn_jax.deepnets1m import plan as plan_lib
 from ghn_jax.deepnets1m import sampler as sampler_lib
 from ghn_jax.deepnets1m.config import NetConfig, config_from_net_args
-from ghn_jax.deepnets1m.net import Network
+from ghn_jax.deepnets1m.net import Network, abstract_params
 
 GHN_PRIMITIVES = {
   "conv",
@@ -242,6 +242,17 @@ def test_flax_params_equal_plan_specs(index):
   assert {k: tuple(v.shape) for k, v in flat.items()} == expected
   total = sum(int(np.prod(v.shape)) for v in flat.values())
   assert total == plan_lib.count_params(config)
+  abstract = abstract_params(config)
+  assert jax.tree_util.tree_structure(abstract) == (
+    jax.tree_util.tree_structure(shapes["params"])
+  )
+  assert jax.tree_util.tree_all(
+    jax.tree_util.tree_map(
+      lambda a, b: a.shape == b.shape and a.dtype == b.dtype,
+      abstract,
+      shapes["params"],
+    )
+  )
 
 
 def _module_classes(config):

@@ -14,6 +14,7 @@ _EXPORTS = {
   "NetConfig": "config",
   "config_from_net_args": "config",
   "Network": "net",
+  "abstract_params": "net",
   "count_params": "plan",
   "param_specs": "plan",
 }

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from ghn_jax import nn_ops
 from ghn_jax.deepnets1m import layers
@@ -31,13 +33,42 @@ from ghn_jax.deepnets1m.plan import (
   VIT_PATCH_SIZE_IMAGENET,
   CellPlan,
   build_plan,
+  param_specs,
   parse_op,
 )
 
 # Dropout between the classifier's dense layers when `train=True`.
 CLASSIFIER_DROPOUT_RATE = 0.5
 
-__all__ = ["Cell", "NetConfig", "Network", "config_from_net_args"]
+__all__ = [
+  "Cell",
+  "NetConfig",
+  "Network",
+  "abstract_params",
+  "config_from_net_args",
+]
+
+
+def abstract_params(config: NetConfig, dtype=jnp.float32) -> dict:
+  """Return the `params` tree of `Network(config)` as shape structs.
+
+  Built from `plan.param_specs` without tracing the network, so it costs
+  milliseconds where `jax.eval_shape(Network(config).init, ...)` costs a
+  trace of every module.
+
+  Args:
+    config: the network.
+    dtype: dtype of every parameter.
+
+  Returns:
+    A nested dict of `jax.ShapeDtypeStruct`, as `init(...)["params"]`.
+  """
+  flat = {
+    spec.path: jax.ShapeDtypeStruct(spec.shape, dtype)
+    for spec in param_specs(config)
+    if spec.live
+  }
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def make_operation(

@@ -224,14 +224,46 @@ def build_plan(config: NetConfig) -> NetPlan:
       to the output pass through `none` operations: a disconnected graph),
       or if the two inputs of a cell have different resolutions.
   """
+  raw, stem_channels = _forward_cells(config)
+  if not raw[-1]["output_present"]:
+    raise ValueError(
+      f"The network of genotype {config.genotype.to_dict()!r} with "
+      f"{config.num_cells} cells has no path from the input to the output "
+      "(every path passes through 'none' operations): its graph would be "
+      "disconnected. Use a genotype whose cells read their inputs."
+    )
+  cells, stem_live = _backward_cells(config, raw)
+
+  last = cells[-1]
+  if config.global_pooling:
+    classifier_in = last.channels
+  else:
+    classifier_in = last.channels * last.resolution**2
+  return NetPlan(
+    config=config,
+    stem_channels=stem_channels,
+    stem_live=stem_live,
+    cells=tuple(cells),
+    classifier_in=classifier_in,
+    resolution=last.resolution,
+  )
+
+
+def _forward_cells(config: NetConfig) -> tuple[list[dict], int]:
+  """Compute channels, strides, resolutions and presence, cell by cell.
+
+  Returns:
+    (one dict of `CellPlan` fields per cell, without the liveness fields,
+    plus the resolutions of its two inputs; channels of the stem output).
+  """
   genotype = config.genotype
   num_cells = config.num_cells
   res0, res1, stem_channels = _stem_resolutions(config)
   channels_prev_prev = channels_prev = stem_channels
   channels_curr = config.channels
-  reduction_prev = config.stem_type == 1 and not config.vit
   # The original also sets `reduction_prev` for ViT networks, but their
   # cells ignore it.
+  reduction_prev = config.stem_type == 1 and not config.vit
   # Outputs seen by the next cell: (present, resolution) of inputs 0 and 1.
   inputs = [(True, res0), (True, res1)]
   raw = []
@@ -240,11 +272,10 @@ def build_plan(config: NetConfig) -> NetPlan:
     if reduction:
       channels_curr *= config.channel_multiplier
     edges, concat = genotype.cell(reduction)
-    concat_sizes_one = len(concat) == 1
     channels_in = channels_curr if config.preprocess else channels_prev
     widen = (
       _reduces(num_cells, index + 1)
-      and concat_sizes_one
+      and len(concat) == 1
       and not config.preprocess
     )
     channels_out = channels_curr * (config.channel_multiplier if widen else 1)
@@ -283,21 +314,24 @@ def build_plan(config: NetConfig) -> NetPlan:
     channels_prev_prev = channels_prev
     channels_prev = len(concat) * channels_curr
     inputs = [inputs[1], (output_present, resolution)]
+  return raw, stem_channels
 
-  if not raw[-1]["output_present"]:
-    raise ValueError(
-      f"The network of genotype {genotype.to_dict()!r} with "
-      f"{num_cells} cells has no path from the input to the output "
-      "(every path passes through 'none' operations): its graph would be "
-      "disconnected. Use a genotype whose cells read their inputs."
-    )
 
-  # Liveness, from the last cell backwards. needed[k] = output of cell k
-  # (k = -2, -1 for the two stem outputs) reaches the logits.
+def _backward_cells(
+  config: NetConfig, raw: list[dict]
+) -> tuple[list[CellPlan], tuple[bool, bool]]:
+  """Find the live modules from the last cell backwards.
+
+  Returns:
+    (the cell plans, liveness of the two stem outputs).
+  """
+  num_cells = config.num_cells
+  # needed[k]: the output of cell k reaches the logits; k = -2 and -1 are
+  # the two stem outputs.
   needed = {num_cells - 1: True}
   cells = [None] * num_cells
   for index in range(num_cells - 1, -1, -1):
-    item = raw[index]
+    item = dict(raw[index])
     live = needed.get(index, False)
     edge_live, state_live = _cell_liveness(
       item["edges"], item["concat"], item["state_present"], live
@@ -322,20 +356,7 @@ def build_plan(config: NetConfig) -> NetPlan:
     stem_live = (needed.get(-2, False) or stem1_live, stem1_live)
   else:
     stem_live = (True, True)
-
-  last = cells[-1]
-  if config.global_pooling:
-    classifier_in = last.channels
-  else:
-    classifier_in = last.channels * last.resolution**2
-  return NetPlan(
-    config=config,
-    stem_channels=stem_channels,
-    stem_live=stem_live,
-    cells=tuple(cells),
-    classifier_in=classifier_in,
-    resolution=last.resolution,
-  )
+  return cells, stem_live
 
 
 def _check_input_resolutions(item: dict, config: NetConfig) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -379,3 +381,35 @@ def test_stored_graphs_match_built_graphs(tmp_path):
 def test_graph_of_split_without_graphs_raises(wide_dataset):
   with pytest.raises(ValueError, match="no stored graphs"):
     wide_dataset.graph(0)
+
+
+def test_generate_nets_command(tmp_path):
+  out = tmp_path / "cmd"
+  script = os.path.join(
+    os.path.dirname(__file__), "..", "experiments", "generate_nets.py"
+  )
+  result = subprocess.run(
+    [
+      sys.executable,
+      script,
+      "--split",
+      "bnfree",
+      "--num",
+      "3",
+      "--seed",
+      "4",
+      "--workers",
+      "1",
+      "--out",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "3 bnfree architectures" in result.stdout
+  data = dataset_lib.ArchitectureDataset(str(out))
+  assert len(data) == 3
+  assert all(data[i].norm is None for i in range(3))
+  assert data.meta["seed"] == 4

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import queue
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -321,9 +322,10 @@ def generate_split(
       rejections.update(generate_shard(*arg))
       bar.update(sizes[k])
   else:
-    # Spawned workers import only NumPy and the sampler (not JAX), so they
-    # start fast and share no threads with the parent.
-    context = multiprocessing.get_context("spawn")
+    # Forking is fastest, but unsafe once JAX (multithreaded) is loaded;
+    # spawned workers import only NumPy and the sampler.
+    method = "spawn" if "jax" in sys.modules else "fork"
+    context = multiprocessing.get_context(method)
     with concurrent.futures.ProcessPoolExecutor(
       min(num_workers, num_shards), mp_context=context
     ) as pool:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from ghn_jax import checkpoint_import, ghn_inputs
 from ghn_jax import ghn as ghn_lib
@@ -157,3 +159,45 @@ def test_reference_from_torch_checkpoint(tmp_path):
   inputs, plans = ghn_lib.prepare_inputs(ghn.config, [spec])
   outputs = ghn_lib.apply_jit(ghn, variables, inputs)
   check_against_reference(outputs, plans[0], arrays)
+
+
+def _flax_path(torch_name: str, ndim: int) -> str:
+  """Flax params path of a torchvision ResNet parameter in `ghn_jax.zoo`."""
+  name = re.sub(r"layer(\d)\.(\d)\.", r"layer\1_\2/", torch_name)
+  name = name.replace("downsample.0", "downsample_conv")
+  name = name.replace("downsample.1", "downsample_bn")
+  module, kind = name.rsplit(".", 1)
+  if kind == "weight":
+    kind = "scale" if ndim == 1 else "kernel"
+  return f"{module.replace('.', '/')}/{kind}"
+
+
+@requires_reference
+@pytest.mark.skipif(
+  "resnet18" not in ARCHITECTURES, reason="no resnet18.npz reference"
+)
+def test_reference_resnet18_from_flax_model(reference_ghn):
+  """The graph built from the Flax ResNet-18 gives the original's values."""
+  from ghn_jax import graph_builder, zoo
+
+  ghn, variables = reference_ghn
+  model, input_shape = zoo.create_model("resnet18")
+  graph = graph_builder.build_graph(model, input_shape=input_shape)
+  params = traverse_util.flatten_dict(
+    ghn_lib.predict_params(ghn, variables, graph), sep="/"
+  )
+  arrays = np.load(REFERENCE_DIR / "resnet18.npz")
+  expected = {
+    k[len("param/") :]: arrays[k]
+    for k in arrays.files
+    if k.startswith("param/")
+  }
+  assert len(params) == len(expected)
+  for torch_name, value in expected.items():
+    got = np.asarray(params[_flax_path(torch_name, value.ndim)])
+    if value.ndim == 4:
+      got = got.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    elif value.ndim == 2:
+      got = got.T
+    error = _relative_error(got, value)
+    assert error <= PARAM_RTOL, f"{torch_name}: relative L2 error {error:.2e}"

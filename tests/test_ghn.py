@@ -552,3 +552,28 @@ def test_unseen_shape_sizes_are_logged(caplog):
   assert "(100, 96)" in caplog.text
   assert "(9000, 8192)" in caplog.text
   assert "(13, 14)" in caplog.text
+
+
+def test_imagenet_config_tables_and_kernels():
+  config = ghn_lib.ghn2_imagenet_config(hid=8)
+  ghn, variables = ghn_lib.init_ghn(config, jax.random.key(6))
+  params = variables["params"]
+  # 391 channel sizes (1000 classes among them) and 10 kernel sizes, each
+  # table with one dummy entry for nodes without a shape.
+  assert params["shape_channel_embed"]["embedding"].shape == (392, 2)
+  assert params["shape_spatial_embed"]["embedding"].shape == (11, 2)
+  assert params["decoder_fc"]["kernel"].shape == (8, 32 * 16 * 16)
+  spec = make_spec(
+    [CONV, CONV, CONV, BIAS],
+    [(8, 3, 16, 16), (8, 8, 17, 17), (1000, 8), (1000,)],
+    [(0, 1), (1, 2), (2, 3)],
+  )
+  inputs, plans = ghn_lib.prepare_inputs(config, [spec])
+  out = jax.device_get(ghn_lib.apply_jit(ghn, variables, inputs))
+  predicted = ghn_lib.assemble_params(out, plans[0], np)
+  assert predicted["p0"].shape == (8, 3, 16, 16)
+  kernel = predicted["p1"]
+  assert kernel.shape == (8, 8, 17, 17)
+  np.testing.assert_array_equal(kernel[:, :, 16], kernel[:, :, 0])
+  assert predicted["p2"].shape == (1000, 8)
+  assert predicted["p3"].shape == (1000,)

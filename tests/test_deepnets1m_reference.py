@@ -1,7 +1,7 @@
 """Compare the Flax DeepNets-1M networks with outputs of the original.
 
 Each case of the reference folder (env var `GHN_REFERENCE_DIR`, default
-`../shared/ghn2_reference` next to the repository) holds the original's
+`../shared/ghn2_reference` next to the repository) contains the original's
 `net_args`, parameter shapes and counts (`<case>.json`), and parameters,
 an input batch and the logits (`<case>.npz`). Cases that are not a
 DeepNets-1M `Network` (e.g. torchvision models) are skipped.

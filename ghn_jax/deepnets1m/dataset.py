@@ -6,8 +6,8 @@ integer arrays (no pickles): one row per network with its scalar settings,
 its genotype as operation and input-state indices, its concatenation as a
 0/1 mask, and the parameter counts at generator width. Shard `k` is sampled
 from its own random stream (seed, split, k), so shards can be generated in
-any order, in parallel, and an interrupted run resumes by skipping the
-shards already written (each is written to a temporary file, then renamed).
+any order and in parallel. Each shard is written to a temporary file, then
+renamed, so an interrupted run resumes by skipping the shards on disk.
 
 An optional `graph_fn(config) -> ghn_jax.graph.Graph` stores each network's
 GHN graph in `graphs_00000.npz` next to its shard (nodes and edges of all

@@ -1,11 +1,11 @@
 """GHN-2 forward pass against test vectors of the original implementation.
 
 The folder named by `GHN_REFERENCE_DIR` (default: `../shared/ghn2_reference`
-next to the repository) contains the original GHN-2's state dict
-(`ghn_state_dict.npz`, a randomly initialised GHN with the CIFAR-10
-configuration) and, per architecture, an `<arch>.npz` with the graph arrays,
-the intermediate node embeddings and every parameter tensor the original
-predicted. Every `<arch>.npz` found there is checked.
+next to the repository) contains test vectors of the original GHN-2. Its
+`ghn_state_dict.npz` is the state dict of a randomly initialised GHN with the
+CIFAR-10 configuration. Each `<arch>.npz` has the graph arrays, the
+intermediate node embeddings and every parameter tensor the original
+predicted for one architecture. Every `<arch>.npz` found there is checked.
 """
 
 from __future__ import annotations

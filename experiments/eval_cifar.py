@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--sgd-nets",
     type=non_negative_int,
     default=DEFAULT_SGD_NETS,
-    help="networks that get the SGD baseline, spread evenly over the "
-    "evaluated ones; 0 for all.",
+    help="networks that get the SGD baseline: the N smallest (by parameter "
+    "count) of the evaluated ones; 0 for all.",
   )
   parser.add_argument(
     "--sgd-lr",

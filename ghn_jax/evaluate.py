@@ -637,8 +637,8 @@ class EvalConfig:
     bn_calibrate: training batches (of 64) to calibrate running batch-norm
       statistics on, for a second accuracy; 0 disables it.
     sgd: SGD baseline settings; None disables the baseline.
-    sgd_num_nets: networks that get the SGD baseline (spread evenly over
-      the list); 0 for all.
+    sgd_num_nets: networks that get the SGD baseline (the smallest ones by
+      parameter count); 0 for all.
     prediction_repeats: warm calls timed after the first prediction.
     seed: seed of the random initialisation baseline.
   """
@@ -658,13 +658,17 @@ class EvalConfig:
       raise ValueError(f"sgd_num_nets must be >= 0, got {self.sgd_num_nets}.")
 
 
-def select_for_sgd(num_nets: int, num_selected: int) -> list[int]:
-  """Pick `num_selected` indices spread evenly over `num_nets` (0: all)."""
-  if num_selected == 0 or num_selected >= num_nets:
-    return list(range(num_nets))
-  return sorted(
-    set(np.linspace(0, num_nets - 1, num_selected).round().astype(int))
-  )
+def select_for_sgd(num_params: Sequence[int], num_selected: int) -> list[int]:
+  """Return the indices of the `num_selected` smallest networks, in order.
+
+  SGD costs roughly in proportion to a network's size, so the smallest
+  networks keep the baseline affordable on a CPU. Ties go to the earlier
+  network; `num_selected` = 0 selects all.
+  """
+  if num_selected == 0 or num_selected >= len(num_params):
+    return list(range(len(num_params)))
+  by_size = sorted(range(len(num_params)), key=lambda i: (num_params[i], i))
+  return sorted(by_size[:num_selected])
 
 
 def _score(
@@ -698,17 +702,15 @@ def evaluate_network(
   predict_fn: PredictFn | None,
   data: EvalData,
   config: EvalConfig,
-  run_sgd: bool = False,
 ) -> dict[str, Any]:
-  """Evaluate one network: GHN prediction, random init, optional SGD.
+  """Evaluate one network: GHN prediction and random initialisation.
 
   Args:
     net: the network.
     predict_fn: the GHN's prediction function; None to skip the GHN.
     data: test images, and training images for calibration and SGD.
-    config: what to measure.
-    run_sgd: whether to run the SGD baseline on this network (needs
-      `config.sgd` and `data.train_batches_fn`).
+    config: what to measure (`config.sgd` is not used here, see
+      `run_sgd_baseline`).
 
   Returns:
     A JSON-ready dict with the network's name, split, sizes, timings and
@@ -743,30 +745,59 @@ def evaluate_network(
       net, eval_apply_fn, collect_fn, predicted, data, config.bn_calibrate
     )
 
-  rng = jax.random.fold_in(jax.random.key(config.seed), _stable_hash(net.name))
-  random_params = random_init_params(net.params, rng)
+  random_params = _random_params(net, config.seed)
   record["random"] = _score(
     net, eval_apply_fn, collect_fn, random_params, data, config.bn_calibrate
   )
-
-  if run_sgd and config.sgd is not None and data.train_batches_fn is not None:
-    batches = data.train_batches_fn(config.sgd.batch_size, config.sgd.seed)
-    curve = train_with_sgd(
-      net, random_params, batches, data.test, config.sgd, eval_apply_fn
-    )
-    record["sgd"] = {
-      "steps": list(curve.steps),
-      "top1": list(curve.top1),
-      "final_loss": curve.losses[-1],
-      "seconds": curve.seconds,
-    }
-    if "ghn" in record:
-      equivalent = sgd_steps_equivalent(
-        record["ghn"]["top1"], curve.steps[1:], curve.top1[1:]
-      )
-      record["sgd"]["ghn_equivalent_steps"] = equivalent.steps
-      record["sgd"]["ghn_equivalent_relation"] = equivalent.relation
   return record
+
+
+def _random_params(net: EvalNet, seed: int) -> Params:
+  """Draw the random initialisation of `net`, fixed by seed and name."""
+  rng = jax.random.fold_in(jax.random.key(seed), _stable_hash(net.name))
+  return random_init_params(net.params, rng)
+
+
+def run_sgd_baseline(
+  net: EvalNet,
+  data: EvalData,
+  config: SgdConfig,
+  seed: int = 0,
+  ghn_top1: float | None = None,
+) -> dict[str, Any]:
+  """Train `net` with SGD from its random initialisation; compare the GHN.
+
+  Args:
+    net: the network.
+    data: test images and a training batch source.
+    config: SGD settings.
+    seed: seed of the random initialisation (as in `evaluate_network`, so
+      step 0 is the random-initialisation score).
+    ghn_top1: the GHN's accuracy on this network, if any.
+
+  Returns:
+    A JSON-ready dict: the curve, and the SGD steps the GHN is worth.
+
+  Raises:
+    ValueError: if `data` has no training batches.
+  """
+  if data.train_batches_fn is None:
+    raise ValueError("The SGD baseline needs training images.")
+  batches = data.train_batches_fn(config.batch_size, config.seed)
+  curve = train_with_sgd(
+    net, _random_params(net, seed), batches, data.test, config
+  )
+  result = {
+    "steps": list(curve.steps),
+    "top1": list(curve.top1),
+    "final_loss": curve.losses[-1],
+    "seconds": curve.seconds,
+  }
+  if ghn_top1 is not None:
+    equivalent = sgd_steps_equivalent(ghn_top1, curve.steps[1:], curve.top1[1:])
+    result["ghn_equivalent_steps"] = equivalent.steps
+    result["ghn_equivalent_relation"] = equivalent.relation
+  return result
 
 
 def _stable_hash(text: str) -> int:
@@ -833,7 +864,8 @@ def evaluate_networks(
 
   Args:
     nets: networks, or functions that build them (called one at a time,
-      so only one network is in memory).
+      so only one network is in memory; those trained with SGD are built
+      a second time after all have been scored).
     predict_fn: the GHN's prediction function; None to skip the GHN.
     data: test images, and training images for calibration and SGD.
     config: what to measure.
@@ -847,16 +879,13 @@ def evaluate_networks(
   """
   from tqdm import tqdm  # noqa: PLC0415 (only the evaluation needs it)
 
-  sgd_indices = set(select_for_sgd(len(nets), config.sgd_num_nets))
   records = []
   bar = tqdm(nets, desc="networks", unit="net", disable=not progress)
-  for i, item in enumerate(bar):
+  for item in bar:
     net = item if isinstance(item, EvalNet) else item()
     bar.set_postfix_str(f"{net.name} ({net.num_params:,} params)")
     start = time.perf_counter()
-    record = evaluate_network(
-      net, predict_fn, data, config, run_sgd=i in sgd_indices
-    )
+    record = evaluate_network(net, predict_fn, data, config)
     record["seconds"] = time.perf_counter() - start
     logging.info(
       "%s: GHN top-1 %s, random top-1 %.4f (%.1f s)",
@@ -866,6 +895,19 @@ def evaluate_networks(
       record["seconds"],
     )
     records.append(record)
+
+  if config.sgd is not None and data.train_batches_fn is not None:
+    selected = select_for_sgd(
+      [r["num_params"] for r in records], config.sgd_num_nets
+    )
+    bar = tqdm(selected, desc="SGD baseline", unit="net", disable=not progress)
+    for i in bar:
+      net = nets[i] if isinstance(nets[i], EvalNet) else nets[i]()
+      bar.set_postfix_str(net.name)
+      ghn_top1 = records[i]["ghn"]["top1"] if "ghn" in records[i] else None
+      records[i]["sgd"] = run_sgd_baseline(
+        net, data, config.sgd, config.seed, ghn_top1
+      )
 
   full_meta = dict(meta or {})
   full_meta.update(

@@ -130,11 +130,13 @@ def test_summarize_single_and_empty():
   assert evaluate.summarize([])["n"] == 0
 
 
-def test_select_for_sgd_spreads_indices():
-  assert evaluate.select_for_sgd(10, 2) == [0, 9]
-  assert evaluate.select_for_sgd(10, 3) == [0, 4, 9]
-  assert evaluate.select_for_sgd(3, 0) == [0, 1, 2]
-  assert evaluate.select_for_sgd(3, 5) == [0, 1, 2]
+def test_select_for_sgd_takes_smallest():
+  sizes = [500, 100, 300, 100, 900]
+  assert evaluate.select_for_sgd(sizes, 1) == [1]
+  assert evaluate.select_for_sgd(sizes, 2) == [1, 3]
+  assert evaluate.select_for_sgd(sizes, 3) == [1, 2, 3]
+  assert evaluate.select_for_sgd(sizes, 0) == [0, 1, 2, 3, 4]
+  assert evaluate.select_for_sgd(sizes, 9) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("eval_steps", [(), (0, 1), (10, 1), (1, 1)])

@@ -29,14 +29,17 @@ def _save(fig: plt.Figure, path: str) -> str:
 
 
 def _finish_axes(
-  ax: plt.Axes, title: str, chance: float | None, legend_columns: int = 1
+  ax: plt.Axes, title: str, chance: float | None, legend_outside: bool = False
 ) -> None:
   """Draw the chance level, the legend and the title."""
   if chance is not None:
     ax.axhline(
       100 * chance, color="black", linestyle=":", linewidth=1, label="chance"
     )
-  ax.legend(fontsize="x-small", loc="best", ncol=legend_columns)
+  if legend_outside:
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
+  else:
+    ax.legend(fontsize="x-small", loc="best")
   if title:
     ax.set_title(title, fontsize="medium")
 
@@ -116,7 +119,7 @@ def plot_accuracy_vs_params(
   """
   splits = list(dict.fromkeys(r["split"] for r in records))
   markers = "osD^v<>PX*"
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8, 4))
   for i, split in enumerate(splits):
     group = [r for r in records if r["split"] == split]
     for source in ("ghn", "random"):
@@ -134,11 +137,22 @@ def plot_accuracy_vs_params(
         alpha=0.8 if source == "ghn" else 0.4,
         label=f"{split}, {SOURCE_LABELS[source]}",
       )
+  # Networks outside DeepNets-1M splits (e.g. resnet50) are named on the plot.
+  for record in records:
+    if "ghn" in record and "/" not in record["name"]:
+      ax.annotate(
+        record["name"],
+        (record["num_params"], 100 * record["ghn"]["top1"]),
+        fontsize="x-small",
+        xytext=(3, 3),
+        textcoords="offset points",
+      )
   ax.set_xscale("log")
+  ax.margins(x=0.1)
   ax.set_xlabel("parameters")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.grid(alpha=0.3)
-  _finish_axes(ax, title, chance, legend_columns=2)
+  _finish_axes(ax, title, chance, legend_outside=True)
   return _save(fig, path)
 
 

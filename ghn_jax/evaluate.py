@@ -98,14 +98,6 @@ class ImageData:
   def __len__(self) -> int:
     return int(self.images.shape[0])
 
-  def take(self, num: int) -> ImageData:
-    """Return the first `num` examples (all of them if `num` <= 0)."""
-    if num <= 0 or num >= len(self):
-      return self
-    return dataclasses.replace(
-      self, images=self.images[:num], labels=self.labels[:num]
-    )
-
 
 # train_batches_fn(batch_size, seed) -> endless iterator of shuffled and
 # augmented (images, labels) training batches.

@@ -283,6 +283,15 @@ def calibrate_batch_stats(
       stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
     )
     count += 1
+  if count < num_batches:
+    logging.warning(
+      "Calibrated batch norm on %d batches of %d images, not %d: the "
+      "calibration set has only %d images.",
+      count,
+      batch_size,
+      num_batches,
+      len(data),
+    )
   return jax.tree_util.tree_map(lambda x: x / count, total)
 
 
@@ -300,8 +309,8 @@ def random_init_params(params: Params, rng: jax.Array) -> Params:
 
   Kernels (2-D and more, Flax layout with outputs last) are drawn from
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for `nn.Conv2d` and
-  `nn.Linear` (kaiming-uniform with a=sqrt(5)), which the GHN-2 paper's
-  random-initialisation baseline used. A 1-D bias next to a kernel is drawn
+  `nn.Linear` (kaiming-uniform with a=sqrt(5)), with which the original's
+  PyTorch networks start. A 1-D bias next to a kernel is drawn
   from the same range. Norm-layer scales are 1, positional encodings
   (leaves named 'embedding') are drawn from N(0, 1), and other 1-D leaves
   are 0.

@@ -1,6 +1,6 @@
 """CPU-sized default: a GHN-2 meta-trained on Fashion-MNIST in minutes.
 
-Small DeepNets-1M training architectures (at most 4 cells, 8 or 16
+Small DeepNets-1M training architectures (at most 4 cells, 16
 channels, one classifier width), meta-batch 4, image batch 32. Few distinct
 op shapes occur in this space, so the per-signature compilations stop
 after the first steps. Fashion-MNIST is read from the Debian package
@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.arch.num_architectures = 10_000
   config.arch.meta_batch_size = 4
-  config.arch.channels = (8, 16)
+  config.arch.channels = (16,)
   config.arch.fc_dims = (32,)
   config.arch.max_cells = 4
   config.num_train_steps = 300

@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # run stops.
   config.max_nonfinite_steps = 20
 
+  # Local devices the meta-batch is split over (0: all).
+  config.num_devices = 0
+
   # Bookkeeping.
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000

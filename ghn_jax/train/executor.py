@@ -39,6 +39,7 @@ from flax import traverse_util
 from ghn_jax import ghn as ghn_lib
 from ghn_jax import ghn_inputs, graph_builder
 from ghn_jax.deepnets1m import NetConfig, Network
+from ghn_jax.train import padding
 
 PyTree = Any
 # Decoder outputs the predicted tensors are read from.
@@ -83,6 +84,7 @@ def prepare_meta_batch(
   ghn_config: ghn_lib.GHNConfig,
   net_configs: Sequence[NetConfig],
   arch_ids: Sequence[int] | None = None,
+  padder: padding.GrowingPadder | None = None,
 ) -> MetaBatch:
   """Build the networks and graphs of a meta-batch and pad them (host side).
 
@@ -90,6 +92,8 @@ def prepare_meta_batch(
     ghn_config: the GHN's config (decoder sizes, virtual edges).
     net_configs: one architecture per network.
     arch_ids: identifiers of the architectures; default 0..M-1.
+    padder: pads the GHN inputs further to sizes that only grow, so that
+      the GHN compiles a bounded number of times over a run.
 
   Returns:
     The meta-batch.
@@ -103,6 +107,8 @@ def prepare_meta_batch(
     arch_ids = range(len(net_configs))
   graphs = [build_network_graph(c) for c in net_configs]
   inputs, plans = ghn_lib.prepare_inputs(ghn_config, graphs)
+  if padder is not None:
+    inputs = padder.pad(inputs)
   return MetaBatch(
     tuple(net_configs),
     tuple(Network(c) for c in net_configs),
@@ -342,3 +348,83 @@ def reference_value_and_grad(
     ghn_variables, batch.inputs, images, labels
   )
   return loss, logits, grads
+
+
+def split_meta_batch(
+  ghn_config: ghn_lib.GHNConfig,
+  net_configs: Sequence[NetConfig],
+  arch_ids: Sequence[int],
+  num_shards: int,
+  padder: padding.GrowingPadder | None = None,
+) -> list[MetaBatch]:
+  """Split a meta-batch into `num_shards` contiguous, separately padded parts.
+
+  Raises:
+    ValueError: if there are fewer networks than shards.
+  """
+  if len(net_configs) < num_shards:
+    raise ValueError(
+      f"A meta-batch of {len(net_configs)} networks cannot be split over "
+      f"{num_shards} devices: use a meta-batch of at least {num_shards}."
+    )
+  bounds = np.linspace(0, len(net_configs), num_shards + 1).astype(int)
+  return [
+    prepare_meta_batch(ghn_config, net_configs[a:b], arch_ids[a:b], padder)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+  ]
+
+
+def sharded_value_and_grad(
+  ghn_config: ghn_lib.GHNConfig,
+  ghn_variables: PyTree,
+  batches: Sequence[MetaBatch],
+  images: jax.Array,
+  labels: jax.Array,
+  devices: Sequence[jax.Device],
+  label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, PyTree]:
+  """`meta_value_and_grad` with the networks of shard d on device d.
+
+  Each device runs the GHN on its own graphs (padded to its own size
+  buckets, so no common padding is needed) and its networks op by op; JAX
+  dispatches asynchronously, so the devices work concurrently. The
+  gradients are weighted by each shard's share of the networks and summed
+  on the first device.
+
+  Returns:
+    `(loss, logits, grads)` as `meta_value_and_grad`, on `devices[0]`.
+  """
+  if len(batches) != len(devices):
+    raise ValueError(
+      f"Got {len(batches)} meta-batch shards for {len(devices)} devices."
+    )
+  total = sum(b.size for b in batches)
+  results = []
+  for batch, device in zip(batches, devices, strict=True):
+    results.append(
+      meta_value_and_grad(
+        ghn_config,
+        jax.device_put(ghn_variables, device),
+        batch,
+        jax.device_put(images, device),
+        jax.device_put(labels, device),
+        label_smoothing,
+      )
+    )
+
+  first = devices[0]
+  loss, logits, grads = 0.0, [], None
+  for batch, (shard_loss, shard_logits, shard_grads) in zip(
+    batches, results, strict=True
+  ):
+    weight = batch.size / total
+    shard_grads = jax.device_put(shard_grads, first)
+    scaled = jax.tree_util.tree_map(lambda g, w=weight: g * w, shard_grads)
+    grads = (
+      scaled
+      if grads is None
+      else jax.tree_util.tree_map(jnp.add, grads, scaled)
+    )
+    loss = loss + weight * jax.device_put(shard_loss, first)
+    logits.append(jax.device_put(shard_logits, first))
+  return loss, jnp.concatenate(logits), grads

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ghn_jax import data
 from ghn_jax import ghn as ghn_lib
@@ -32,6 +33,7 @@ from ghn_jax.train import (
   compile_count,
   executor,
   metrics,
+  padding,
 )
 
 PyTree = Any
@@ -156,7 +158,7 @@ def make_update_fn(optimizer: optax.GradientTransformation):
 
 @jax.jit
 def _global_norm(grads: PyTree) -> jax.Array:
-  return optax.global_norm(grads)
+  return optax.tree.norm(grads)
 
 
 def _architecture_space(
@@ -181,28 +183,54 @@ class _StepResult:
     self.loss, self.top1, self.grad_norm, self.ok = loss, top1, grad_norm, ok
 
 
+def _mean_across_processes(tree: PyTree) -> PyTree:
+  """Average a pytree over the processes of a multi-host run."""
+  if jax.process_count() == 1:
+    return tree
+  # NOTE: runs only with several processes (`jax.distributed`); not
+  # exercised by the single-host tests.
+  gathered = multihost_utils.process_allgather(tree)
+  return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), gathered)
+
+
 def train_step(
   state: TrainState,
   update_fn,
   ghn_config: ghn_lib.GHNConfig,
-  batch: executor.MetaBatch,
+  batches: list[executor.MetaBatch],
   images: dict[str, np.ndarray],
   label_smoothing: float,
+  devices: list[jax.Device],
 ) -> tuple[TrainState, _StepResult]:
   """Run one meta-training step; skip the update on non-finite values.
+
+  Args:
+    state: the train state.
+    update_fn: the jitted optimizer update (`make_update_fn`).
+    ghn_config: the GHN's config.
+    batches: this process's networks, one meta-batch shard per device.
+    images: the image batch ("image", "label").
+    label_smoothing: label smoothing of the cross-entropy.
+    devices: the local devices the shards run on.
+
+  Returns:
+    The new state and the step's loss, accuracy and gradient norm.
 
   Raises:
     RuntimeError: on out-of-memory, naming the architectures.
   """
+  arch_ids = [i for batch in batches for i in batch.arch_ids]
   try:
-    loss, logits, grads = executor.meta_value_and_grad(
+    loss, logits, grads = executor.sharded_value_and_grad(
       ghn_config,
       state.params,
-      batch,
+      batches,
       jnp.asarray(images["image"]),
       jnp.asarray(images["label"]),
+      devices,
       label_smoothing,
     )
+    grads = _mean_across_processes(grads)
     loss = float(loss)
     grad_norm = float(_global_norm(grads))
   except jax.errors.JaxRuntimeError as error:
@@ -210,7 +238,7 @@ def train_step(
       raise
     raise RuntimeError(
       f"Out of memory at step {int(state.step)} on architectures "
-      f"{list(batch.arch_ids)}: lower the meta-batch or image batch size, "
+      f"{arch_ids}: lower the meta-batch or image batch size, "
       "or cap the architectures' width (config.arch.channels)."
     ) from error
 
@@ -222,7 +250,7 @@ def train_step(
       int(state.step),
       loss,
       grad_norm,
-      list(batch.arch_ids),
+      arch_ids,
     )
     state = state.replace(
       step=state.step + 1, skipped_steps=state.skipped_steps + 1
@@ -320,6 +348,37 @@ def train_and_evaluate(
   return state
 
 
+def _process_devices(config) -> tuple[list[jax.Device], slice]:
+  """Local devices to use and this process's slice of each meta-batch.
+
+  All processes draw the same meta-batches; process p takes the p-th of
+  `jax.process_count()` equal parts and splits it over its devices.
+
+  Raises:
+    ValueError: if the meta-batch does not split evenly over processes.
+  """
+  devices = jax.local_devices()
+  if config.num_devices > 0:
+    devices = devices[: config.num_devices]
+  meta_batch = config.arch.meta_batch_size
+  processes, index = jax.process_count(), jax.process_index()
+  if meta_batch % processes:
+    raise ValueError(
+      f"meta_batch_size={meta_batch} does not split over {processes} "
+      "processes: use a multiple of the process count."
+    )
+  per_process = meta_batch // processes
+  devices = devices[: max(1, min(len(devices), per_process))]
+  logging.info(
+    "Process %d of %d: %d networks per step on devices %s.",
+    index,
+    processes,
+    per_process,
+    devices,
+  )
+  return devices, slice(index * per_process, (index + 1) * per_process)
+
+
 def _train(
   config,
   workdir,
@@ -334,6 +393,8 @@ def _train(
 ) -> TrainState:
   """Run the steps from `state.step` to `total_steps`."""
   update_fn = make_update_fn(optimizer)
+  devices, shard = _process_devices(config)
+  padder = padding.GrowingPadder()
   start_step = int(state.step)
   writer = metrics.CsvWriter(workdir, start_step)
   loss_mean, top1_mean = metrics.RunningMean(), metrics.RunningMean()
@@ -345,9 +406,17 @@ def _train(
   for step in range(start_step + 1, total_steps + 1):
     ids, net_configs = next(stream)
     images = next(image_stream)
-    batch = executor.prepare_meta_batch(ghn_config, net_configs, ids)
+    batches = executor.split_meta_batch(
+      ghn_config, net_configs[shard], ids[shard], len(devices), padder
+    )
     state, result = train_step(
-      state, update_fn, ghn_config, batch, images, config.label_smoothing
+      state,
+      update_fn,
+      ghn_config,
+      batches,
+      images,
+      config.label_smoothing,
+      devices,
     )
     window_steps += 1
     progress.update(1)

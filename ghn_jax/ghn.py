@@ -645,6 +645,12 @@ def _merge_template(params: PyTree, template: PyTree) -> PyTree:
         "the graph and the template describe different networks."
       )
     expected = np.shape(flat_template[path])
+    if tuple(value.shape) != tuple(expected) and value.size == np.prod(
+      expected
+    ):
+      # Kernels of `nn.DenseGeneral` (e.g. attention projections of shape
+      # (in, heads, head_dim)) are nodes with a 2-D shape in the graph.
+      flat[path] = value = value.reshape(expected)
     if tuple(value.shape) != tuple(expected):
       raise ValueError(
         f"predicted parameter {'/'.join(path)!r} has shape {value.shape}, "

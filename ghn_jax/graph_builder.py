@@ -20,10 +20,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
+import functools
+import hashlib
 import heapq
 import itertools
 import math
+import os
+import pathlib
+import sys
+import tempfile
+import types
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ghn_jax import graph as graph_lib
 from ghn_jax import graph_tracer
@@ -116,21 +126,13 @@ def _first_leaf(tree):
   return leaves[0]
 
 
-def trace_model(
-  model: nn.Module,
-  variables: Mapping[str, Any],
-  inputs: jax.ShapeDtypeStruct | jax.Array,
-  apply_kwargs: Mapping[str, Any] | None = None,
-):
-  """Trace `model.apply` into a jaxpr with module scopes recorded.
+def _make_interceptor(modules: dict[str, ModuleInfo]):
+  """Return a method interceptor that records modules into `modules`.
 
-  Returns:
-    `(closed_jaxpr, modules)`: the program, whose inputs are the flattened
-    `variables` followed by `inputs`, and the module behind the scope token
-    of each intercepted method call.
+  Every module method call runs inside a named scope whose token maps to
+  the module in `modules`; the call of a unit module (see `graph_tracer`)
+  ends with a boundary equation that shows its inputs and output together.
   """
-  apply_kwargs = dict(apply_kwargs or {})
-  modules: dict[str, ModuleInfo] = {}
   counter = itertools.count()
 
   def interceptor(next_fun, args, kwargs, context):
@@ -157,6 +159,26 @@ def trace_model(
         out = graph_tracer.boundary_p.bind(out, *arrays, token=token)
     return out
 
+  return interceptor
+
+
+def trace_model(
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  inputs: jax.ShapeDtypeStruct | jax.Array,
+  apply_kwargs: Mapping[str, Any] | None = None,
+):
+  """Trace `model.apply` into a jaxpr with module scopes recorded.
+
+  Returns:
+    `(closed_jaxpr, modules)`: the program, whose inputs are the flattened
+    `variables` followed by `inputs`, and the module behind the scope token
+    of each intercepted method call.
+  """
+  apply_kwargs = dict(apply_kwargs or {})
+  modules: dict[str, ModuleInfo] = {}
+  interceptor = _make_interceptor(modules)
+
   # Models that draw random numbers (dropout in training mode) get a key;
   # the values do not matter for the graph.
   apply_kwargs.setdefault("rngs", {"dropout": jax.random.key(0)})
@@ -170,6 +192,56 @@ def trace_model(
   return closed, modules
 
 
+def trace_model_creating_variables(
+  model: nn.Module,
+  inputs: jax.ShapeDtypeStruct | jax.Array,
+  apply_kwargs: Mapping[str, Any] | None = None,
+):
+  """Trace `model.apply` on no variables, so that the program creates them.
+
+  One trace replaces `model.init` followed by a trace of `model.apply`:
+  with every collection mutable and empty, each `param` and `variable`
+  call runs its initializer inside the traced program. This also skips
+  the abstract evaluation of every initializer that `apply` does to check
+  the shapes of given parameters. The model runs in apply mode
+  (`is_initializing()` is False), as in `trace_model`.
+
+  Args:
+    model: the Flax module.
+    inputs: the model's input (abstract or concrete).
+    apply_kwargs: extra keyword arguments of `model.apply`; its `rngs`, if
+      any, get a traced `params` key added.
+
+  Returns:
+    `(closed_jaxpr, modules, variables)`: the program, whose inputs are an
+    rng key and `inputs` and whose outputs are the model's first output
+    array followed by the flattened created variables; the module behind
+    each scope token; and the created variables as a pytree of
+    `jax.ShapeDtypeStruct`s.
+  """
+  apply_kwargs = dict(apply_kwargs or {})
+  user_rngs = apply_kwargs.pop("rngs", None)
+  if user_rngs is not None and not isinstance(user_rngs, Mapping):
+    user_rngs = {"params": user_rngs}
+  modules: dict[str, ModuleInfo] = {}
+  interceptor = _make_interceptor(modules)
+
+  def create_and_apply(key, x):
+    # As in `trace_model`, random values do not matter for the graph.
+    rngs = dict(user_rngs) if user_rngs is not None else {"dropout": key}
+    rngs.setdefault("params", key)
+    with nn.intercept_methods(interceptor):
+      out, variables = model.apply(
+        {}, x, rngs=rngs, mutable=True, **apply_kwargs
+      )
+    return _first_leaf(out), variables
+
+  closed, shapes = jax.make_jaxpr(create_and_apply, return_shape=True)(
+    jax.random.key(0), inputs
+  )
+  return closed, modules, shapes[1]
+
+
 def build_graph_with_report(
   model: nn.Module,
   variables: Mapping[str, Any] | None = None,
@@ -180,6 +252,7 @@ def build_graph_with_report(
   strict: bool = False,
   trace: bool = False,
   cache: bool = True,
+  cache_dir: str | os.PathLike | None = None,
 ) -> tuple[graph_lib.Graph, GraphReport]:
   """Build the GHN-2 computational graph of a Flax model.
 
@@ -189,8 +262,8 @@ def build_graph_with_report(
   Args:
     model: a Flax linen module whose `__call__` takes one input array.
     variables: the model's variables ({'params': ..., 'batch_stats': ...});
-      arrays or `jax.ShapeDtypeStruct`s. If None, they are created
-      abstractly with `model.init` (no memory, no FLOPs).
+      arrays or `jax.ShapeDtypeStruct`s. If None, the traced program
+      creates them abstractly (no memory, no FLOPs).
     input_shape: shape of the input, batch axis included, e.g.
       (1, 32, 32, 3).
     input_dtype: dtype of the input.
@@ -200,8 +273,13 @@ def build_graph_with_report(
     trace: always trace, even a DeepNets-1M `Network`.
     cache: reuse the graph traced earlier for an equal model (Flax modules
       compare by their fields) with the same variable shapes, input and
-      apply arguments. Tracing a ResNet-50 takes ~0.5 s; a cached graph
-      comes back in microseconds. Warnings are raised again on reuse.
+      apply arguments, from memory and, with a cache folder, from disk.
+      Warnings are raised again on reuse.
+    cache_dir: folder of the on-disk graph cache, shared by processes;
+      None reads the `GHN_JAX_GRAPH_CACHE_DIR` environment variable, and
+      without it graphs are cached in memory only. Entries are keyed by
+      the model's class and fields and checked against the source files
+      that ran while tracing (see `GRAPH_CACHE_DIR_ENV`).
 
   Returns:
     `(graph, report)`.
@@ -228,32 +306,42 @@ def build_graph_with_report(
     _warn_unsupported(report, strict)
     return graph, report
 
-  x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
-  if variables is None:
-    variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, **dict(apply_kwargs or {})),
-      x,
+  entry = None
+  if cache:
+    entry = _disk_entry(
+      cache_dir, model, variables, input_shape, input_dtype, apply_kwargs
     )
-  if "params" not in variables:
-    raise ValueError(
-      "variables has no 'params' collection: the model has no parameters "
-      "for a GHN to predict."
+  loaded = _load_cached_graph(entry) if entry is not None else None
+  if loaded is not None:
+    graph, report = loaded
+    _warn_unsupported(report, strict)
+  else:
+    graph, report, walked = _build(
+      model, variables, input_shape, input_dtype, apply_kwargs, strict
     )
-  abstract = jax.tree_util.tree_map(
-    lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), dict(variables)
-  )
-  closed, modules = trace_model(model, abstract, x, apply_kwargs)
-  tracer, output_nodes = _walk_traced(closed, abstract, modules)
-  param_sizes = {
-    path: math.prod(np.shape(leaf))
-    for path, leaf in _param_leaves(abstract["params"]).items()
-  }
-  graph, report = finish_graph(tracer, output_nodes, param_sizes, strict)
+    if entry is not None:
+      _save_cached_graph(entry, graph, report, walked)
   if key is not None:
     _cache[key] = (graph, report)
     if len(_cache) > _CACHE_SIZE:
       _cache.popitem(last=False)
   return graph, report
+
+
+def _build(model, variables, input_shape, input_dtype, apply_kwargs, strict):
+  """Trace the model and make its graph; return graph, report, walk."""
+  x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
+  if variables is not None and "params" not in variables:
+    raise _no_params_error()
+  walked = _trace_and_walk(model, variables, x, apply_kwargs)
+  param_sizes = {
+    path: math.prod(np.shape(leaf))
+    for path, leaf in _param_leaves(walked.params).items()
+  }
+  graph, report = finish_graph(
+    walked.tracer, walked.output_nodes, param_sizes, strict
+  )
+  return graph, report, walked
 
 
 # Traced graphs kept in memory, keyed by model, variables' shapes, input and
@@ -280,16 +368,352 @@ def _cache_key(model, variables, input_shape, input_dtype, apply_kwargs):
   return key
 
 
-def clear_cache() -> None:
-  """Forget the graphs that `build_graph(..., cache=True)` kept."""
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> None:
+  """Forget the graphs that `build_graph(..., cache=True)` kept.
+
+  Args:
+    cache_dir: also delete the graph files of this on-disk cache folder
+      (files named `graph-*.npz`; other files are left alone).
+  """
   _cache.clear()
+  if cache_dir is None:
+    return
+  for path in pathlib.Path(cache_dir).glob(f"{_ENTRY_PREFIX}*{_ENTRY_SUFFIX}"):
+    path.unlink(missing_ok=True)
+
+
+# On-disk cache of traced graphs, shared by processes (opt-in).
+#
+# An entry is one `graph-<sha256 of key>.npz` file (no pickle) in the cache
+# folder. The key describes the model's class and fields (recursively, with
+# functions and classes by qualified name and closures by their captured
+# values), the input shape and dtype, the apply arguments, the shapes and
+# dtypes of given variables, and the versions of jax, jaxlib, flax and
+# numpy. The entry also lists the source files of the code that ran while
+# tracing (each equation's Python traceback, the module classes, described
+# functions and this builder) with their modification time and size; an
+# edit to any of them makes the entry stale, and it is rebuilt. Models that
+# cannot be described this way (e.g. a field holding an open file or a
+# lambda without source) are cached in memory only.
+GRAPH_CACHE_DIR_ENV = "GHN_JAX_GRAPH_CACHE_DIR"
+_ENTRY_PREFIX = "graph-"
+_ENTRY_SUFFIX = ".npz"
+# Bumped when the entry layout or the graph rules change.
+_DISK_FORMAT_VERSION = 1
+# Nesting depth at which a model description gives up (cyclic fields).
+_MAX_DESCRIBE_DEPTH = 32
+# Arrays in model fields up to this size are described by their bytes.
+_MAX_DESCRIBED_ARRAY_BYTES = 1 << 20
+_BUILDER_FILES = (__file__, graph_tracer.__file__, graph_lib.__file__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DiskEntry:
+  """Location, key and known source files of one on-disk cache entry."""
+
+  path: pathlib.Path
+  key: str
+  files: frozenset[str]
+
+
+class _NotDescribable(Exception):
+  """A value that the on-disk cache key cannot describe stably."""
+
+
+def default_cache_dir() -> pathlib.Path | None:
+  """Return the on-disk cache folder set by `GHN_JAX_GRAPH_CACHE_DIR`."""
+  value = os.environ.get(GRAPH_CACHE_DIR_ENV)
+  return pathlib.Path(value).expanduser() if value else None
+
+
+def _disk_entry(
+  cache_dir, model, variables, input_shape, input_dtype, apply_kwargs
+) -> _DiskEntry | None:
+  """Return the on-disk entry of these arguments, or None if not cached."""
+  folder = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+  if folder is None:
+    return None
+  files: set[str] = set()
+  try:
+    parts = [
+      f"format {_DISK_FORMAT_VERSION}",
+      "versions " + _describe(_library_versions(), files),
+      "model " + _describe(model, files),
+      f"input {tuple(int(d) for d in input_shape)} {np.dtype(input_dtype)}",
+      "apply_kwargs " + _describe(dict(apply_kwargs or {}), files),
+      "variables " + _describe_variables(variables),
+    ]
+  except _NotDescribable as e:
+    logging.info("Graph not cached on disk: %s", e)
+    return None
+  key = "\n".join(parts)
+  digest = hashlib.sha256(key.encode()).hexdigest()
+  path = folder / f"{_ENTRY_PREFIX}{digest}{_ENTRY_SUFFIX}"
+  return _DiskEntry(path, key, frozenset(files))
+
+
+def _library_versions() -> dict[str, str]:
+  import jaxlib  # noqa: PLC0415 (only its version is needed)
+
+  return {
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "numpy": np.__version__,
+  }
+
+
+def _describe_variables(variables) -> str:
+  if variables is None:
+    return "created"
+  return repr(sorted(_leaf_signatures(dict(variables)).items()))
+
+
+def _describe(value, files: set[str], depth: int = 0) -> str:
+  """Describe `value` by a string that is equal across processes.
+
+  Source files of described classes and functions are added to `files`.
+
+  Raises:
+    _NotDescribable: for values without such a description.
+  """
+  if depth > _MAX_DESCRIBE_DEPTH:
+    raise _NotDescribable("model fields nest too deeply")
+  depth += 1
+  if value is None or isinstance(value, (bool, int, float, complex, str)):
+    return repr(value)
+  if isinstance(value, bytes):
+    return repr(value)
+  if isinstance(value, enum.Enum):
+    return f"{_describe(type(value), files, depth)}.{value.name}"
+  if isinstance(value, np.dtype):
+    return f"dtype({value.str})"
+  if isinstance(value, (tuple, list)):
+    items = ",".join(_describe(v, files, depth) for v in value)
+    return f"{type(value).__name__}({items})"
+  if isinstance(value, Mapping):
+    items = sorted(
+      (_describe(k, files, depth), _describe(v, files, depth))
+      for k, v in value.items()
+    )
+    return "{" + ",".join(f"{k}:{v}" for k, v in items) + "}"
+  if isinstance(value, (set, frozenset)):
+    return "set(" + ",".join(sorted(_describe(v, files, depth) for v in value))
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    return _describe_array(value)
+  if isinstance(value, type):
+    return _qualified_name(value, files)
+  if isinstance(value, functools.partial):
+    return (
+      f"partial({_describe(value.func, files, depth)},"
+      f"{_describe(value.args, files, depth)},"
+      f"{_describe(value.keywords, files, depth)})"
+    )
+  if dataclasses.is_dataclass(value):
+    fields = [
+      f"{f.name}={_describe(getattr(value, f.name), files, depth)}"
+      for f in dataclasses.fields(value)
+      if f.name != "parent"  # A Flax module's parent scope or module.
+    ]
+    return f"{_qualified_name(type(value), files)}({','.join(fields)})"
+  if isinstance(value, types.FunctionType):
+    return _describe_function(value, files, depth)
+  if callable(value) and hasattr(value, "__qualname__"):
+    # Builtins and wrapped functions, e.g. `jax.nn.relu` (a custom_jvp).
+    return _qualified_name(value, files)
+  raise _NotDescribable(f"cannot describe a {type(value).__name__}")
+
+
+def _describe_array(value) -> str:
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    return f"prng_key{tuple(value.shape)}"  # Values never change a graph.
+  array = np.asarray(value)
+  if array.nbytes > _MAX_DESCRIBED_ARRAY_BYTES:
+    raise _NotDescribable(f"array of {array.nbytes} bytes in the model")
+  digest = hashlib.sha256(array.tobytes()).hexdigest()
+  return f"array({array.dtype.str},{array.shape},{digest})"
+
+
+def _describe_function(fn: types.FunctionType, files: set[str], depth: int):
+  """Describe a function by name, defaults and captured values."""
+  name = _qualified_name(fn, files)
+  cells = []
+  for cell in fn.__closure__ or ():
+    try:
+      contents = cell.cell_contents
+    except ValueError:  # An empty cell.
+      cells.append("<empty>")
+      continue
+    cells.append(_describe(contents, files, depth))
+  defaults = _describe(fn.__defaults__ or (), files, depth)
+  kwdefaults = _describe(fn.__kwdefaults__ or {}, files, depth)
+  return f"{name}[{','.join(cells)}]({defaults},{kwdefaults})"
+
+
+def _qualified_name(obj, files: set[str]) -> str:
+  """Return `module.qualname` of a class or function; note its file."""
+  module = getattr(obj, "__module__", None)
+  qualname = getattr(obj, "__qualname__", None)
+  if not module or not qualname:
+    raise _NotDescribable(f"{obj!r} has no qualified name")
+  if "<lambda>" in qualname:
+    raise _NotDescribable(f"lambda {module}.{qualname}")
+  source = _source_file(obj)
+  if source is None:
+    raise _NotDescribable(f"{module}.{qualname} has no source file")
+  files.add(source)
+  return f"{module}.{qualname}"
+
+
+def _source_file(obj) -> str | None:
+  """Return the file that defines a class or function, if it has one."""
+  module = sys.modules.get(getattr(obj, "__module__", None) or "")
+  path = getattr(module, "__file__", None)
+  if path is None and isinstance(obj, types.FunctionType):
+    path = obj.__code__.co_filename
+  if path is None or not os.path.isfile(path):
+    return None
+  return os.path.abspath(path)
+
+
+def _traced_source_files(walked: _Walked) -> set[str]:
+  """Return the files of the code that emitted the program's equations."""
+  files = set(_BUILDER_FILES)
+  for info in walked.modules.values():
+    source = _source_file(info.cls)
+    if source is not None:
+      files.add(source)
+  seen_jaxprs = set()
+  stack = [walked.jaxpr]
+  while stack:
+    jaxpr = stack.pop()
+    if id(jaxpr) in seen_jaxprs:
+      continue
+    seen_jaxprs.add(id(jaxpr))
+    for eqn in jaxpr.eqns:
+      traceback = eqn.source_info.traceback
+      if traceback is not None:
+        codes, _ = traceback.raw_frames()
+        files.update(code.co_filename for code in codes)
+      stack.extend(_jaxprs_in_params(eqn.params))
+  return {os.path.abspath(f) for f in files if os.path.isfile(f)}
+
+
+def _jaxprs_in_params(params: Mapping[str, Any]) -> list:
+  found = []
+  for value in params.values():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if hasattr(v, "eqns"):
+        found.append(v)
+      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+        found.append(v.jaxpr)
+  return found
+
+
+def _file_stamps(files) -> tuple[list[str], np.ndarray]:
+  """Return the files in order and their (mtime in ns, size) stamps."""
+  names = sorted(files)
+  stamps = np.zeros((len(names), 2), np.int64)
+  for i, name in enumerate(names):
+    stat = os.stat(name)
+    stamps[i] = (stat.st_mtime_ns, stat.st_size)
+  return names, stamps
+
+
+def _save_cached_graph(
+  entry: _DiskEntry, graph: graph_lib.Graph, report: GraphReport, walked
+) -> None:
+  """Write an on-disk cache entry; log instead of failing."""
+  try:
+    names, stamps = _file_stamps(entry.files | _traced_source_files(walked))
+    arrays = {
+      "key": np.asarray(entry.key, dtype=np.str_),
+      "source_files": np.asarray(names, dtype=np.str_),
+      "source_stamps": stamps,
+      "num_params": np.int64(report.num_params),
+      "num_predicted": np.int64(report.num_predicted),
+      "predicted_params": _strings(report.predicted_params),
+      "pruned_params": _strings(report.pruned_params),
+      "unsupported_paths": _strings(report.unsupported_params.keys()),
+      "unsupported_reasons": _strings(report.unsupported_params.values()),
+    }
+    for field in dataclasses.fields(graph_lib.Graph):
+      value = getattr(graph, field.name)
+      if isinstance(value, tuple):
+        value = _strings(value)
+      arrays[f"graph_{field.name}"] = value
+    entry.path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so that readers never see a partial file.
+    with tempfile.NamedTemporaryFile(
+      dir=entry.path.parent, suffix=".tmp", delete=False
+    ) as f:
+      np.savez(f, **arrays)
+    os.replace(f.name, entry.path)
+  except OSError as e:
+    logging.warning("Could not write the graph cache %s: %s", entry.path, e)
+
+
+def _strings(values) -> np.ndarray:
+  return np.asarray(list(values), dtype=np.str_).reshape(-1)
+
+
+def _load_cached_graph(
+  entry: _DiskEntry,
+) -> tuple[graph_lib.Graph, GraphReport] | None:
+  """Read an on-disk cache entry; None if missing, stale or unreadable."""
+  try:
+    with np.load(entry.path, allow_pickle=False) as data:
+      if str(data["key"]) != entry.key:
+        return None  # A hash collision, practically never.
+      if not _sources_unchanged(data["source_files"], data["source_stamps"]):
+        logging.info("Graph cache %s is stale: sources changed.", entry.path)
+        return None
+      fields = {}
+      for field in dataclasses.fields(graph_lib.Graph):
+        value = data[f"graph_{field.name}"]
+        if value.dtype.kind == "U":
+          value = tuple(str(v) for v in value)
+        fields[field.name] = value
+      report = GraphReport(
+        predicted_params=tuple(str(v) for v in data["predicted_params"]),
+        pruned_params=tuple(str(v) for v in data["pruned_params"]),
+        unsupported_params={
+          str(p): str(r)
+          for p, r in zip(
+            data["unsupported_paths"], data["unsupported_reasons"], strict=True
+          )
+        },
+        num_params=int(data["num_params"]),
+        num_predicted=int(data["num_predicted"]),
+      )
+    graph = graph_lib.Graph(**fields)
+    graph.validate()
+  except FileNotFoundError:
+    return None
+  except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
+    logging.warning("Ignoring unreadable graph cache %s: %s", entry.path, e)
+    return None
+  return graph, report
+
+
+def _sources_unchanged(names, stamps) -> bool:
+  for name, (mtime_ns, size) in zip(names, stamps, strict=True):
+    try:
+      stat = os.stat(str(name))
+    except OSError:
+      return False
+    if stat.st_mtime_ns != mtime_ns or stat.st_size != size:
+      return False
+  return True
 
 
 def _is_deepnets_network(model: nn.Module, input_shape) -> bool:
   """Check whether `model` is a DeepNets-1M `Network` fed its own input."""
-  from ghn_jax.deepnets1m import net  # Imported on use: a heavy package.
-
-  if type(model) is not net.Network:
+  # A model can only be a `Network` once its module is imported; not
+  # importing it here saves ~50 ms for other models.
+  net = sys.modules.get("ghn_jax.deepnets1m.net")
+  if net is None or type(model) is not net.Network:
     return False
   size = model.config.input_size
   return tuple(input_shape)[1:] == (size, size, 3)
@@ -320,17 +744,169 @@ def build_graph(
   return graph
 
 
-def _walk_traced(closed, variables, modules):
-  """Walk the traced program from its inputs; return tracer and outputs."""
+def _no_params_error() -> ValueError:
+  return ValueError(
+    "variables has no 'params' collection: the model has no parameters "
+    "for a GHN to predict."
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Walked:
+  """A walked program: nodes, output nodes, params pytree, program."""
+
+  tracer: Tracer
+  output_nodes: frozenset[int]
+  params: Any
+  jaxpr: Any
+  modules: Mapping[str, ModuleInfo]
+
+
+def _trace_and_walk(model, variables, x, apply_kwargs) -> _Walked:
+  """Trace the model and walk its program.
+
+  Returns:
+    the walk, and the abstract params pytree the graph was built for.
+  """
+  walked = _walk_creating_variables(model, variables, x, apply_kwargs)
+  if walked is not None:
+    return walked
+
+  # Trace with the variables as program inputs, created first by an
+  # abstract `model.init` when not given.
+  if variables is None:
+    variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, **dict(apply_kwargs or {})),
+      x,
+    )
+  if "params" not in variables:
+    raise _no_params_error()
+  abstract = jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), dict(variables)
+  )
+  closed, modules = trace_model(model, abstract, x, apply_kwargs)
   jaxpr = closed.jaxpr
-  leaves_with_paths = jax.tree_util.tree_flatten_with_path(variables)[0]
-  num_vars = len(leaves_with_paths)
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  num_vars = len(leaves)
+  tracer, output_nodes = _walk_traced(
+    jaxpr,
+    jaxpr.invars[:num_vars],
+    leaves,
+    jaxpr.invars[num_vars],
+    jaxpr.outvars[0],
+    modules,
+  )
+  return _Walked(tracer, output_nodes, abstract["params"], jaxpr, modules)
+
+
+def _walk_creating_variables(model, variables, x, apply_kwargs):
+  """Walk the one-trace program of `trace_model_creating_variables`.
+
+  Returns:
+    the walk as `_trace_and_walk` returns it, or None when the
+    program cannot stand for a trace with the variables as inputs: the
+    given `variables` differ from the created ones, or a parameter is
+    computed from the model's input or from another parameter
+    (data-dependent initializers, modules lifted by `nn.jit` or `nn.scan`
+    that create their parameters inside), or parameters share one value.
+  """
+  closed, modules, created = trace_model_creating_variables(
+    model, x, apply_kwargs
+  )
+  if "params" not in created:
+    if variables is None:
+      raise _no_params_error()
+    return None
+  if variables is not None and not _same_variables(variables, created):
+    return None
+  jaxpr = closed.jaxpr
+  leaves = jax.tree_util.tree_flatten_with_path(created)[0]
+  variable_vars = jaxpr.outvars[1:]
+  param_vars = [
+    var
+    for var, (key_path, _) in zip(variable_vars, leaves, strict=True)
+    if _key_names(key_path)[0] == "params"
+  ]
+  input_var = jaxpr.invars[1]
+  if not _created_from_constants(jaxpr, param_vars, input_var):
+    return None
+  tracer, output_nodes = _walk_traced(
+    jaxpr, variable_vars, leaves, input_var, jaxpr.outvars[0], modules
+  )
+  return _Walked(tracer, output_nodes, created["params"], jaxpr, modules)
+
+
+def _key_names(key_path) -> tuple[str, ...]:
+  """Return the names of a pytree key path, e.g. ('params', 'fc', 'bias')."""
+  return tuple(str(getattr(k, "key", k)) for k in key_path)
+
+
+def _leaf_signatures(variables) -> dict[tuple[str, ...], tuple]:
+  """Map each variable's key names to its shape and dtype."""
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  return {
+    _key_names(key_path): (np.shape(leaf), np.dtype(leaf.dtype))
+    for key_path, leaf in leaves
+  }
+
+
+def _same_variables(given, created) -> bool:
+  """Check that tracing on `given` would see the `created` variables.
+
+  The parameters must agree exactly. Other given variables must be among
+  the created ones with equal shapes and dtypes; missing ones are created
+  by `apply` with mutable collections in either trace.
+  """
+  given = _leaf_signatures(dict(given))
+  created = _leaf_signatures(created)
+  given_params = {k: v for k, v in given.items() if k[0] == "params"}
+  created_params = {k: v for k, v in created.items() if k[0] == "params"}
+  if given_params != created_params:
+    return False
+  return all(created.get(k) == v for k, v in given.items())
+
+
+def _created_from_constants(jaxpr, param_vars, input_var) -> bool:
+  """Check that each parameter is its own value computed from constants.
+
+  Only then does the program treat the parameters as a program with them
+  as inputs would: a walk from the input sees each one as a separate,
+  input-independent value.
+  """
+  var_type = jax.extend.core.Var
+  if not all(isinstance(v, var_type) for v in param_vars):
+    return False  # A literal constant.
+  params = set(param_vars)
+  if len(params) != len(param_vars) or params & set(jaxpr.invars):
+    return False
+  dependent = {input_var} | params
+  for eqn in jaxpr.eqns:
+    if any(isinstance(v, var_type) and v in dependent for v in eqn.invars):
+      if params.intersection(eqn.outvars):
+        return False
+      dependent.update(eqn.outvars)
+  return True
+
+
+def _walk_traced(
+  jaxpr, variable_vars, leaves_with_paths, input_var, output_var, modules
+):
+  """Walk a traced program from its input; return tracer and outputs.
+
+  Args:
+    jaxpr: the program.
+    variable_vars: the program's value of each variable leaf.
+    leaves_with_paths: `tree_flatten_with_path` of the variables.
+    input_var: the model's input in the program.
+    output_var: the model's output in the program.
+    modules: the module behind each scope token.
+  """
   param_paths = {}
   param_shapes = {}
   for var, (key_path, leaf) in zip(
-    jaxpr.invars[:num_vars], leaves_with_paths, strict=True
+    variable_vars, leaves_with_paths, strict=True
   ):
-    keys = [str(getattr(k, "key", k)) for k in key_path]
+    keys = _key_names(key_path)
     if keys[0] != "params":
       continue
     path = "/".join(keys[1:])
@@ -338,9 +914,9 @@ def _walk_traced(closed, variables, modules):
     param_shapes[path] = tuple(leaf.shape)
   tracer = Tracer(param_paths, param_shapes, modules)
   input_node = tracer.add_node(Node("input", name="input"), frozenset())
-  tracer.frontier[jaxpr.invars[num_vars]] = frozenset([input_node])
+  tracer.frontier[input_var] = frozenset([input_node])
   tracer.walk(jaxpr)
-  kind, frontier = tracer._value_kind(jaxpr.outvars[0])
+  kind, frontier = tracer._value_kind(output_var)
   if kind != "act" or not frontier - {input_node}:
     raise ValueError(
       "the model's output does not depend on any parameter node; nothing "

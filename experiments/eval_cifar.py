@@ -182,13 +182,31 @@ def default_out_dir(ckpt: str, dataset: str) -> str:
   return os.path.join("workdir", name)
 
 
+def make_eval_config(args: argparse.Namespace) -> evaluate.EvalConfig:
+  """Build the measurement settings from the command line."""
+  sgd = None
+  if args.sgd_steps:
+    sgd = evaluate.SgdConfig(
+      eval_steps=args.sgd_steps, learning_rate=args.sgd_lr, seed=args.seed
+    )
+  return evaluate.EvalConfig(
+    bn_calibrate=args.bn_calibrate,
+    sgd=sgd,
+    sgd_num_nets=args.sgd_nets,
+    seed=args.seed,
+  )
+
+
 def run(args: argparse.Namespace) -> dict:
   """Run the evaluation that `args` describes; return the results."""
+  # Cheap checks first, so that bad input fails before data is loaded.
   specs = networks.list_networks(
     split=args.split, arch=args.arch, num_nets=args.num_nets
   )
   info = datasets.dataset_info(args.dataset)
   ghn = checkpoint.load_ghn(args.ckpt, info.num_classes, info.image_size)
+  config = make_eval_config(args)
+
   data = datasets.load_eval_data(
     args.dataset,
     args.data_dir,
@@ -201,17 +219,7 @@ def run(args: argparse.Namespace) -> dict:
     f"Evaluating {len(specs)} networks on {data.name} "
     f"({len(data.test)} test images) with the GHN from {args.ckpt}"
   )
-  sgd = None
-  if args.sgd_steps:
-    sgd = evaluate.SgdConfig(
-      eval_steps=args.sgd_steps, learning_rate=args.sgd_lr, seed=args.seed
-    )
-  config = evaluate.EvalConfig(
-    bn_calibrate=args.bn_calibrate,
-    sgd=sgd,
-    sgd_num_nets=args.sgd_nets,
-    seed=args.seed,
-  )
+
   meta = {
     "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "

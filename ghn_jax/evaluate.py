@@ -864,9 +864,9 @@ def evaluate_networks(
   """Evaluate every network and summarise per split.
 
   Args:
-    nets: networks, or functions that build them (called one at a time,
-      so only one network is in memory; those trained with SGD are built
-      a second time after all have been scored).
+    nets: networks, or functions that build them. Builders are called one
+      at a time, so only one network is in memory. Those trained with SGD
+      are built a second time, after all networks have been scored.
     predict_fn: the GHN's prediction function; None to skip the GHN.
     data: test images, and training images for calibration and SGD.
     config: what to measure.

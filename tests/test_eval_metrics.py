@@ -315,3 +315,41 @@ def test_train_with_sgd_detects_non_finite_loss():
   params = jax.tree_util.tree_map(lambda x: x * jnp.nan, net.params)
   with pytest.raises(FloatingPointError, match="tiny"):
     evaluate.train_with_sgd(net, params, _batches(data, 32, 0), data, config)
+
+
+class TinyFlaxBatchNormNet(nn.Module):
+  """conv -> flax.linen.BatchNorm -> pool -> dense, with a `train` flag."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(4, (3, 3), name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    return nn.Dense(3, name="fc")(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_flax_batch_norm_collect_and_apply(use_jit):
+  model = TinyFlaxBatchNormNet()
+  images = jnp.asarray(_images(16).images)
+  variables = model.init(jax.random.key(0), images)
+  apply_fn, collect_fn = batch_norm.make_flax_batch_norm_fns(
+    model, variables["batch_stats"]
+  )
+  if use_jit:
+    apply_fn, collect_fn = jax.jit(apply_fn), jax.jit(collect_fn)
+  stats = collect_fn(variables["params"], images)
+  assert set(stats["bn"]) == {"mean", "var"}
+  assert stats["bn"]["mean"].shape == (4,)
+  assert bool(jnp.all(stats["bn"]["var"] >= 0))
+  # Running statistics equal to this batch's give the batch-mode output.
+  np.testing.assert_allclose(
+    apply_fn(variables["params"], images, stats),
+    apply_fn(variables["params"], images, None),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  # The initial running statistics (mean 0, variance 1) give another output.
+  assert not np.allclose(
+    apply_fn(variables["params"], images, variables["batch_stats"]),
+    apply_fn(variables["params"], images, None),
+  )

@@ -196,6 +196,10 @@ class Tracer:
     self.norm_node: dict[str, int] = {}
     self.norm_scope: dict[int, str] = {}
     self.msa_nodes: set[int] = set()
+    # Caches keyed by object identity, holding the object to keep it alive.
+    self._scope_cache: dict[int, tuple[Any, tuple[str, ...]]] = {}
+    self._inert_cache: dict[int, tuple[Any, bool]] = {}
+    self._unit_scope_cache: dict[tuple[str, ...], bool] = {}
 
   # Nodes and edges.
 
@@ -248,8 +252,52 @@ class Tracer:
   def walk(self, jaxpr, scopes: tuple[str, ...] = ()) -> None:
     """Process the equations of `jaxpr` in program order."""
     for eqn in jaxpr.eqns:
-      inner = _scope_tokens(str(eqn.source_info.name_stack))
-      self.process(eqn, scopes + inner)
+      self.process(eqn, scopes + self._scope_tokens(eqn.source_info))
+
+  def _scope_tokens(self, source_info) -> tuple[str, ...]:
+    """Return the module scope tokens of an equation's name stack."""
+    # Equations traced in one scope share a name stack object, so caching by
+    # identity avoids formatting the stack for every equation.
+    name_stack = source_info.name_stack
+    cached = self._scope_cache.get(id(name_stack))
+    if cached is not None and cached[0] is name_stack:
+      return cached[1]
+    tokens = _scope_tokens(str(name_stack))
+    self._scope_cache[id(name_stack)] = (name_stack, tokens)
+    return tokens
+
+  def _in_unit_scope(self, scopes: tuple[str, ...]) -> bool:
+    """Check whether any module of `scopes` is a unit module."""
+    inside = self._unit_scope_cache.get(scopes)
+    if inside is None:
+      inside = any(self.modules[t].is_unit for t in scopes if t in self.modules)
+      self._unit_scope_cache[scopes] = inside
+    return inside
+
+  def _is_inert(self, jaxpr) -> bool:
+    """Check that walking `jaxpr` on constant inputs changes nothing.
+
+    Only a unit module's boundary equation makes nodes without activation
+    inputs, and only a call whose arity differs from its program's makes
+    activations out of constants (see `_walk_call`).
+    """
+    cached = self._inert_cache.get(id(jaxpr))
+    if cached is not None and cached[0] is jaxpr:
+      return cached[1]
+    inert = True
+    for eqn in jaxpr.eqns:
+      if eqn.primitive is boundary_p:
+        inert = False
+        break
+      sub = _sub_jaxpr(eqn)
+      if sub is None or eqn.primitive.name in _OPAQUE_PRIMITIVES:
+        continue
+      inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+      if len(inner.invars) != len(eqn.invars) or not self._is_inert(inner):
+        inert = False
+        break
+    self._inert_cache[id(jaxpr)] = (jaxpr, inert)
+    return inert
 
   def _value_kind(self, var):
     """Return ('act', frontier), ('param', ref) or ('const', None)."""
@@ -271,7 +319,7 @@ class Tracer:
     if name == boundary_p.name:
       _handle_unit(self, eqn, kinds, self.modules[eqn.params["token"]])
       return
-    if any(self.modules[t].is_unit for t in scopes if t in self.modules):
+    if self._in_unit_scope(scopes):
       # Inside a unit module: nodes come from its boundary equation.
       if acts:
         self._forward(eqn, _union(acts), scopes)
@@ -314,6 +362,8 @@ class Tracer:
     if len(jaxpr.invars) != len(eqn.invars):
       self._forward(eqn, _union([v for k, v in kinds if k == "act"]), scopes)
       return
+    if all(kind == "const" for kind, _ in kinds) and self._is_inert(jaxpr):
+      return  # E.g. a parameter initializer: constants in and out.
     for inner, (kind, value) in zip(jaxpr.invars, kinds, strict=True):
       if kind == "act":
         self.frontier[inner] = value

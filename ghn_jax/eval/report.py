@@ -94,7 +94,10 @@ def format_network_table(results: Mapping[str, Any]) -> str:
   """Format one row per network as a markdown table."""
   records = results["networks"]
   sgd_steps = _sgd_columns(records)
+  calibrated = results["meta"].get("bn_calibrate", 0) > 0
   header = ["network", "params", "nodes", "GHN %", "random %"]
+  if calibrated:
+    header += ["GHN % (calibrated BN)", "random % (calibrated BN)"]
   header += [f"SGD {k} %" for k in sgd_steps]
   if sgd_steps:
     header.append("GHN = SGD steps")
@@ -108,6 +111,11 @@ def format_network_table(results: Mapping[str, Any]) -> str:
       _value(record.get("ghn", {}).get("top1"), 100),
       _value(record["random"]["top1"], 100),
     ]
+    if calibrated:
+      row += [
+        _value(record.get("ghn", {}).get("top1_calibrated"), 100),
+        _value(record["random"].get("top1_calibrated"), 100),
+      ]
     sgd = record.get("sgd")
     if sgd_steps:
       curve = sgd["top1"][1:] if sgd else [None] * len(sgd_steps)

@@ -19,9 +19,11 @@ inside loops, tied parameters) are reported with a warning, or raise
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -333,7 +335,8 @@ def _build(model, variables, input_shape, input_dtype, apply_kwargs, strict):
   x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   if variables is not None and "params" not in variables:
     raise _no_params_error()
-  walked = _trace_and_walk(model, variables, x, apply_kwargs)
+  with _gc_paused():
+    walked = _trace_and_walk(model, variables, x, apply_kwargs)
   param_sizes = {
     path: math.prod(np.shape(leaf))
     for path, leaf in _param_leaves(walked.params).items()
@@ -749,6 +752,23 @@ def _no_params_error() -> ValueError:
     "variables has no 'params' collection: the model has no parameters "
     "for a GHN to predict."
   )
+
+
+@contextlib.contextmanager
+def _gc_paused():
+  """Pause Python's cyclic garbage collector, if enabled, inside the block.
+
+  Tracing allocates many objects and few cycles; collections triggered by
+  the allocations took ~10% of a ResNet-50 trace. The paused block's
+  garbage is collected once the collector runs again.
+  """
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,9 +30,9 @@ TINY_GENOTYPE = Genotype(
 TINY_GHN = dict(hid=8)
 
 
-def _load_script():
-  path = os.path.join(REPO_ROOT, "experiments", "eval_cifar.py")
-  spec = importlib.util.spec_from_file_location("eval_cifar", path)
+def _load_script(name="eval_cifar"):
+  path = os.path.join(REPO_ROOT, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -306,6 +306,20 @@ def test_cli_errors_exit_2(argv, message, capsys):
   script = _load_script()
   assert script.main(argv) == 2
   assert message in capsys.readouterr().err
+
+
+def test_finetune_cli_help_and_errors(capsys):
+  script = _load_script("finetune")
+  with pytest.raises(SystemExit) as exit_info:
+    script.main(["--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  for option in ("--ckpt", "--split", "--arch", "--steps", "--eval-every"):
+    assert option in text
+  assert script.main(["--ckpt", "/nonexistent/ckpt"]) == 2
+  assert "make meta-train" in capsys.readouterr().err
+  assert script.main(["--split", "test", "--arch", "x"]) == 2
+  assert "index" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_sgd_steps(capsys):

@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> dict:
   )
   print(
     f"Evaluating {len(specs)} networks on {data.name} "
-    f"({len(data.test)} test images) with the GHN from {args.ckpt}"
+    f"({datasets.DATASET_DESCRIPTIONS[data.name]}; {len(data.test)} test "
+    f"images) with the GHN from {args.ckpt}"
   )
 
   meta = {
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
     f"{checkpoint.backend_description()}",
     "checkpoint": args.ckpt,
+    "dataset_description": datasets.DATASET_DESCRIPTIONS[data.name],
     "ghn": ghn.description,
     "command": " ".join(sys.argv),
   }

@@ -18,6 +18,12 @@ from ghn_jax.evaluate import TEST_BATCH_SIZE, EvalData, ImageData
 # are adjusted to CIFAR-sized inputs.
 EVAL_DATASETS = ("fashion_mnist", "cifar10")
 DEFAULT_DATASET = "fashion_mnist"
+# How each dataset is obtained, for reports.
+DATASET_DESCRIPTIONS = {
+  "fashion_mnist": "Fashion-MNIST, offline from Debian's "
+  "dataset-fashion-mnist, zero-padded to 32x32 and repeated to 3 channels",
+  "cifar10": "CIFAR-10 from a prepared TFDS dataset",
+}
 
 
 def dataset_info(name: str) -> pipeline.DatasetInfo:

@@ -146,7 +146,12 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     f"- checkpoint: `{meta['checkpoint']}`",
     f"- dataset: {meta['dataset']} ({meta['test_images']} test images, "
     f"{meta['image_size']}x{meta['image_size']}, "
-    f"{meta['num_classes']} classes)",
+    f"{meta['num_classes']} classes)"
+    + (
+      f": {meta['dataset_description']}"
+      if meta.get("dataset_description")
+      else ""
+    ),
     f"- batch norm: statistics of each test batch of "
     f"{meta['test_batch_size']}"
     + (

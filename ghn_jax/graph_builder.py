@@ -732,6 +732,7 @@ def build_graph(
   strict: bool = False,
   trace: bool = False,
   cache: bool = True,
+  cache_dir: str | os.PathLike | None = None,
 ) -> graph_lib.Graph:
   """Build the GHN-2 graph of a Flax model (see `build_graph_with_report`)."""
   graph, _ = build_graph_with_report(
@@ -743,6 +744,7 @@ def build_graph(
     strict=strict,
     trace=trace,
     cache=cache,
+    cache_dir=cache_dir,
   )
   return graph
 
@@ -783,17 +785,20 @@ class _Walked:
 
 
 def _trace_and_walk(model, variables, x, apply_kwargs) -> _Walked:
-  """Trace the model and walk its program.
-
-  Returns:
-    the walk, and the abstract params pytree the graph was built for.
-  """
+  """Trace the model and walk its program, in one trace where possible."""
   walked = _walk_creating_variables(model, variables, x, apply_kwargs)
-  if walked is not None:
-    return walked
+  if walked is None:
+    walked = _walk_given_variables(model, variables, x, apply_kwargs)
+  return walked
 
-  # Trace with the variables as program inputs, created first by an
-  # abstract `model.init` when not given.
+
+def _walk_given_variables(model, variables, x, apply_kwargs) -> _Walked:
+  """Trace and walk with the variables as program inputs.
+
+  Variables that are not given are created first by an abstract
+  `model.init`. This costs about twice the one-trace path and is taken
+  only where that path does not apply.
+  """
   if variables is None:
     variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, **dict(apply_kwargs or {})),

@@ -1,0 +1,130 @@
+"""Speed of meta-training: one GHN-2 iteration and architectures per second.
+
+Measures, with the GHN-2 CIFAR-10 configuration (hidden size 32, virtual
+edges, layer norm, weight normalisation) on DeepNets-1M training
+architectures at the original's training widths, image batch 64 of 32x32
+random images:
+
+- one meta-training iteration at meta-batch 8, once its op signatures are
+  compiled (the same 8 networks again), against the original's 35.7 s;
+- steady-state architectures per second over a stream of distinct
+  architectures (compilations included), after a warm-up, against the
+  original's 8 / 35.7 s (meta-batch 8) = 0.224 architectures per second.
+
+The number of distinct architectures is `GHN_BENCH_TRAIN_ARCHS` (default 48,
+fewer than 200 because on a 2-core CPU each meta-batch of 8 takes tens of
+seconds), after `GHN_BENCH_TRAIN_WARMUP` warm-up meta-batches (default 2).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ghn_jax.configs import ghn2_cifar10
+from ghn_jax.train import (
+  arch_stream,
+  compile_count,
+  executor,
+  loop,
+  padding,
+)
+
+META_BATCH = 8
+IMAGE_BATCH = 64
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+REPEATS = 3
+# The original's figures on the same machine (ppuda, PyTorch, 2 threads):
+# one iteration at meta-batch 8, and the median meta-batch-1 iteration.
+ORIGINAL_ITERATION_SECONDS = 35.7
+ORIGINAL_ARCHS_PER_SECOND = META_BATCH / ORIGINAL_ITERATION_SECONDS
+ORIGINAL_MB1_ITERATION_SECONDS = 3.18
+
+
+def _step(state, update_fn, ghn_config, batch, images, labels):
+  loss, _, grads = executor.meta_value_and_grad(
+    ghn_config, state.params, batch, images, labels
+  )
+  state = update_fn(state, grads)
+  jax.block_until_ready(state.params)
+  return state, float(loss)
+
+
+def run() -> list[tuple[str, float, str, float | None]]:
+  """Return the benchmark rows (name, value, unit, baseline)."""
+  compile_count.install()
+  num_archs = int(os.environ.get("GHN_BENCH_TRAIN_ARCHS", "48"))
+  warmup = int(os.environ.get("GHN_BENCH_TRAIN_WARMUP", "2"))
+  config = ghn2_cifar10.get_config()
+  ghn_config = loop.make_ghn_config(config, NUM_CLASSES)
+  optimizer, _ = loop.make_optimizer(config, total_steps=1000)
+  state = loop.create_train_state(ghn_config, optimizer, seed=0)
+  update_fn = loop.make_update_fn(optimizer)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(
+    rng.standard_normal((IMAGE_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+  )
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, IMAGE_BATCH), jnp.int32)
+  space = arch_stream.ArchitectureSpace(num_classes=NUM_CLASSES)
+  stream = arch_stream.ArchitectureStream(space, META_BATCH)
+  padder = padding.GrowingPadder()
+
+  # One iteration with its signatures compiled.
+  ids, configs = next(stream)
+  batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
+  state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
+  times = []
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
+    state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
+    times.append(time.perf_counter() - start)
+  iteration = statistics.median(times)
+
+  # A stream of distinct architectures, compilations included.
+  for _ in range(warmup):
+    ids, configs = next(stream)
+    batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
+    state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
+  compiles_before = compile_count.compile_count()
+  start = time.perf_counter()
+  seen = 0
+  while seen < num_archs:
+    ids, configs = next(stream)
+    batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
+    state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
+    seen += META_BATCH
+  elapsed = time.perf_counter() - start
+  compiles = compile_count.compile_count() - compiles_before
+
+  return [
+    (
+      "meta-train iteration, meta-batch 8, batch 64 (compiled signatures)",
+      iteration,
+      "s",
+      ORIGINAL_ITERATION_SECONDS,
+    ),
+    (
+      f"meta-train throughput over {seen} new architectures",
+      seen / elapsed,
+      "archs/s",
+      ORIGINAL_ARCHS_PER_SECOND,
+    ),
+    (
+      f"compilations during those {seen} architectures",
+      float(compiles),
+      "count",
+      None,
+    ),
+  ]
+
+
+if __name__ == "__main__":
+  for row in run():
+    print(row)

@@ -18,7 +18,7 @@ _ID_STREAM_OFFSET = 1 << 40
 
 @dataclasses.dataclass(frozen=True)
 class ArchitectureSpace:
-  """Which architectures a stream draws and at which widths.
+  """Architectures a stream draws from, and their widths.
 
   Attributes:
     split: DeepNets-1M split (`sampler.SPLITS`).

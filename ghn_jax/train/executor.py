@@ -4,7 +4,7 @@ A meta-training step runs a GHN on a batch of graphs, builds each network's
 parameters from the GHN's decoder outputs, classifies one image batch with
 every network and backpropagates the mean cross-entropy into the GHN. A
 `jax.jit` of that whole computation would compile one program per batch of
-architectures, and meta-training sees about a million of them. Here:
+architectures, and meta-training draws from about a million. Here:
 
 1. the GHN forward is one jitted function per padded size bucket, and its
    backward a jitted `jax.vjp` that recomputes the forward (so it is keyed
@@ -328,7 +328,7 @@ def reference_value_and_grad(
   labels: jax.Array,
   label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, PyTree]:
-  """The same as `meta_value_and_grad`, as one jitted program.
+  """Compute what `meta_value_and_grad` computes, as one jitted program.
 
   Compiles once per meta-batch of architectures: for tests and small runs.
   """

@@ -505,9 +505,12 @@ def evaluate_held_out(
     )
   )
   forward_fn, _ = executor.ghn_functions(ghn_config)
+  padder = padding.GrowingPadder()
   predicted, random_init = [], []
   for index, net_config in enumerate(net_configs):
-    batch = executor.prepare_meta_batch(ghn_config, [net_config], [index])
+    batch = executor.prepare_meta_batch(
+      ghn_config, [net_config], [index], padder
+    )
     outputs = forward_fn(ghn_params, batch.inputs)
     params = executor.assemble_network_params(outputs, batch.plans[0])
     network = batch.networks[0]

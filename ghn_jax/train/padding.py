@@ -6,8 +6,9 @@ size bucket. With a dozen independent dimensions almost every meta-batch
 of distinct architectures lands on a new combination, so a jitted GHN
 would compile at every step. `GrowingPadder` pads each dimension further,
 to the largest size seen so far rounded up to a power of two. Sizes only
-grow, so the GHN compiles at most once per growth of some dimension: a few
-dozen times in a run, not once per step.
+grow, and each dimension grows at most log2(largest size) times, so the
+number of GHN compilations is bounded by the sum of those counts over the
+dimensions, however many architectures the run sees.
 
 Padding does not change the GHN's outputs at the real positions: padded
 nodes are never read, padded edges have zero coefficients, padded sweep

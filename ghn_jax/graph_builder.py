@@ -1,10 +1,16 @@
 """Build the computational `Graph` of any Flax linen model by tracing it.
 
-`build_graph` traces `model.apply` with `jax.make_jaxpr` (parameters as
-abstract inputs, so no FLOPs are spent) while `flax.linen.intercept_methods`
-wraps every module call in a named scope. `graph_tracer.Tracer` then walks
-the equations and applies the rules of the original GHN-2 graph builder (see
-`graph_tracer` for the list).
+`build_graph` traces `model.apply` with `jax.make_jaxpr` while
+`flax.linen.intercept_methods` wraps every module call in a named scope.
+Input and variables are abstract, so no FLOPs are spent. One trace both
+creates the variables (their initializers run inside the program) and
+applies the model; it costs about as much as tracing `model.apply` alone,
+half of `model.init` followed by such a trace. `graph_tracer.Tracer` then
+walks the equations and applies the rules of the original GHN-2 graph
+builder (see `graph_tracer` for the list).
+
+Built graphs are cached in memory and, when a cache folder is set, on disk
+for other processes (see `GRAPH_CACHE_DIR_ENV`).
 
 Nodes come in a topological order that follows the order of the traced
 program, so the classifier's weight and bias are the last two nodes. Only
@@ -132,7 +138,7 @@ def _make_interceptor(modules: dict[str, ModuleInfo]):
   """Return a method interceptor that records modules into `modules`.
 
   Every module method call runs inside a named scope whose token maps to
-  the module in `modules`; the call of a unit module (see `graph_tracer`)
+  the module in `modules`. The call of a unit module (see `graph_tracer`)
   ends with a boundary equation that shows its inputs and output together.
   """
   counter = itertools.count()
@@ -215,11 +221,11 @@ def trace_model_creating_variables(
       any, get a traced `params` key added.
 
   Returns:
-    `(closed_jaxpr, modules, variables)`: the program, whose inputs are an
-    rng key and `inputs` and whose outputs are the model's first output
-    array followed by the flattened created variables; the module behind
-    each scope token; and the created variables as a pytree of
-    `jax.ShapeDtypeStruct`s.
+    `(closed_jaxpr, modules, variables)`. The program's inputs are an rng
+    key and `inputs`, and its outputs are the model's first output array
+    followed by the flattened created variables. `modules` maps each scope
+    token to its module, and `variables` is the pytree of created variables
+    as `jax.ShapeDtypeStruct`s.
   """
   apply_kwargs = dict(apply_kwargs or {})
   user_rngs = apply_kwargs.pop("rngs", None)
@@ -392,12 +398,14 @@ def clear_cache(cache_dir: str | os.PathLike | None = None) -> None:
 # functions and classes by qualified name and closures by their captured
 # values), the input shape and dtype, the apply arguments, the shapes and
 # dtypes of given variables, and the versions of jax, jaxlib, flax and
-# numpy. The entry also lists the source files of the code that ran while
-# tracing (each equation's Python traceback, the module classes, described
-# functions and this builder) with their modification time and size; an
+# numpy. The entry also lists source files with their modification time and
+# size: every file on the Python stack of any traced equation, the files of
+# the module classes and described functions, and this builder's files. An
 # edit to any of them makes the entry stale, and it is rebuilt. Models that
-# cannot be described this way (e.g. a field holding an open file or a
-# lambda without source) are cached in memory only.
+# cannot be described this way (e.g. a field holding a lambda or an open
+# file) are cached in memory only.
+# NOTE: an edit to a file that only ran without emitting equations (e.g. a
+# helper that computes layer sizes) is not detected; clear the cache then.
 GRAPH_CACHE_DIR_ENV = "GHN_JAX_GRAPH_CACHE_DIR"
 _ENTRY_PREFIX = "graph-"
 _ENTRY_SUFFIX = ".npz"
@@ -521,6 +529,9 @@ def _describe(value, files: set[str], depth: int = 0) -> str:
     return f"{_qualified_name(type(value), files)}({','.join(fields)})"
   if isinstance(value, types.FunctionType):
     return _describe_function(value, files, depth)
+  if isinstance(value, types.MethodType):
+    owner = _describe(value.__self__, files, depth)
+    return f"{owner}.{_describe(value.__func__, files, depth)}"
   if callable(value) and hasattr(value, "__qualname__"):
     # Builtins and wrapped functions, e.g. `jax.nn.relu` (a custom_jvp).
     return _qualified_name(value, files)
@@ -539,7 +550,7 @@ def _describe_array(value) -> str:
 
 def _describe_function(fn: types.FunctionType, files: set[str], depth: int):
   """Describe a function by name, defaults and captured values."""
-  name = _qualified_name(fn, files)
+  name = _qualified_name(fn, files, allow_local=True)
   cells = []
   for cell in fn.__closure__ or ():
     try:
@@ -553,14 +564,21 @@ def _describe_function(fn: types.FunctionType, files: set[str], depth: int):
   return f"{name}[{','.join(cells)}]({defaults},{kwdefaults})"
 
 
-def _qualified_name(obj, files: set[str]) -> str:
-  """Return `module.qualname` of a class or function; note its file."""
+def _qualified_name(obj, files: set[str], allow_local: bool = False) -> str:
+  """Return `module.qualname` of a class or function; note its file.
+
+  Classes and callables defined inside a function may differ between calls
+  of that function under one name, so they are described only where
+  `allow_local` is set (functions, whose captured values are described).
+  """
   module = getattr(obj, "__module__", None)
   qualname = getattr(obj, "__qualname__", None)
   if not module or not qualname:
     raise _NotDescribable(f"{obj!r} has no qualified name")
   if "<lambda>" in qualname:
     raise _NotDescribable(f"lambda {module}.{qualname}")
+  if "<locals>" in qualname and not allow_local:
+    raise _NotDescribable(f"{module}.{qualname} is defined in a function")
   source = _source_file(obj)
   if source is None:
     raise _NotDescribable(f"{module}.{qualname} has no source file")

@@ -146,10 +146,12 @@ class _Embedding(nn.Module):
 
 class _WithActivation(nn.Module):
   activation: object = nn.relu
+  kernel_init: object = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(2)(self.activation(x.reshape(x.shape[0], -1)))
+    h = self.activation(x.reshape(x.shape[0], -1))
+    return nn.Dense(2, kernel_init=self.kernel_init)(h)
 
 
 def _deepnets_network():
@@ -328,7 +330,10 @@ def test_disk_cache_keys_input_and_kwargs(tmp_path):
   _build(model, cache_dir=tmp_path, apply_kwargs={"train": False})
   _build(_WithActivation(nn.gelu), cache_dir=tmp_path)
   _build(_WithActivation(nn.relu), cache_dir=tmp_path)
-  assert len(_entries(tmp_path)) == 5
+  # Initializers are closures, described by their captured values.
+  scaled = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+  _build(_WithActivation(nn.relu, scaled), cache_dir=tmp_path)
+  assert len(_entries(tmp_path)) == 6
 
 
 def test_disk_cache_skips_undescribable_model(tmp_path):
@@ -337,6 +342,23 @@ def test_disk_cache_skips_undescribable_model(tmp_path):
   graph, _ = _build(model, cache_dir=tmp_path)
   assert graph.num_nodes == 3
   assert _entries(tmp_path) == []
+
+
+def test_disk_cache_skips_class_defined_in_function(tmp_path):
+  def make_model(features):
+    class Local(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(features)(x.reshape(x.shape[0], -1))
+
+    return Local()
+
+  graph_builder.clear_cache()
+  graph, _ = _build(make_model(3), cache_dir=tmp_path)
+  assert graph.node_shapes[1, 0] == 3
+  assert _entries(tmp_path) == []
+  graph, _ = _build(make_model(5), cache_dir=tmp_path)
+  assert graph.node_shapes[1, 0] == 5
 
 
 def test_disk_cache_warns_again_on_load(tmp_path):

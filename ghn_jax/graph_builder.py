@@ -686,7 +686,7 @@ def _load_cached_graph(
   try:
     with np.load(entry.path, allow_pickle=False) as data:
       if str(data["key"]) != entry.key:
-        return None  # A hash collision, practically never.
+        return None  # Another key with the same SHA-256 digest.
       if not _sources_unchanged(data["source_files"], data["source_stamps"]):
         logging.info("Graph cache %s is stale: sources changed.", entry.path)
         return None
@@ -846,12 +846,12 @@ def _walk_creating_variables(model, variables, x, apply_kwargs):
   """Walk the one-trace program of `trace_model_creating_variables`.
 
   Returns:
-    the walk as `_trace_and_walk` returns it, or None when the
-    program cannot stand for a trace with the variables as inputs: the
-    given `variables` differ from the created ones, or a parameter is
-    computed from the model's input or from another parameter
-    (data-dependent initializers, modules lifted by `nn.jit` or `nn.scan`
-    that create their parameters inside), or parameters share one value.
+    the walk as `_trace_and_walk` returns it, or None where the program
+    would not walk like one with the variables as inputs. That is the case
+    when the given `variables` differ from the created ones, or parameters
+    share one value, or a parameter is computed from the model's input or
+    from another parameter. Data-dependent initializers and modules lifted
+    by `nn.jit`, `nn.remat` or `nn.scan` compute parameters so.
   """
   closed, modules, created = trace_model_creating_variables(
     model, x, apply_kwargs
@@ -897,8 +897,8 @@ def _same_variables(given, created) -> bool:
   """Check that tracing on `given` would see the `created` variables.
 
   The parameters must agree exactly. Other given variables must be among
-  the created ones with equal shapes and dtypes; missing ones are created
-  by `apply` with mutable collections in either trace.
+  the created ones with equal shapes and dtypes. Missing ones are created
+  by `apply` in either trace, because all collections are mutable.
   """
   given = _leaf_signatures(dict(given))
   created = _leaf_signatures(created)
@@ -910,11 +910,10 @@ def _same_variables(given, created) -> bool:
 
 
 def _created_from_constants(jaxpr, param_vars, input_var) -> bool:
-  """Check that each parameter is its own value computed from constants.
+  """Check that each parameter is a separate value computed from constants.
 
-  Only then does the program treat the parameters as a program with them
-  as inputs would: a walk from the input sees each one as a separate,
-  input-independent value.
+  Only then does a walk from the input treat the parameters as it treats
+  program inputs: as separate values that do not depend on the input.
   """
   var_type = jax.extend.core.Var
   if not all(isinstance(v, var_type) for v in param_vars):

@@ -418,7 +418,7 @@ def test_disk_cache_stale_after_source_edit(tmp_path, monkeypatch):
   graph, _ = _build(old_model, cache_dir=folder)
   assert graph.node_shapes[1, 0] == 3
 
-  # The same class name and fields, but the file now says 5 features.
+  # The same class name and fields, but the file now defines 5 features.
   new_model = _import_model_file(source, 5)
   stat = source.stat()
   os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

@@ -324,8 +324,11 @@ def build_graph_with_report(
     graph, report = loaded
     _warn_unsupported(report, strict)
   else:
-    graph, report, walked = _build(
-      model, variables, input_shape, input_dtype, apply_kwargs, strict
+    walked, param_sizes = _trace(
+      model, variables, input_shape, input_dtype, apply_kwargs
+    )
+    graph, report = finish_graph(
+      walked.tracer, walked.output_nodes, param_sizes, strict
     )
     if entry is not None:
       _save_cached_graph(entry, graph, report, walked)
@@ -336,8 +339,8 @@ def build_graph_with_report(
   return graph, report
 
 
-def _build(model, variables, input_shape, input_dtype, apply_kwargs, strict):
-  """Trace the model and make its graph; return graph, report, walk."""
+def _trace(model, variables, input_shape, input_dtype, apply_kwargs):
+  """Trace and walk the model; return the walk and each param's size."""
   x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   if variables is not None and "params" not in variables:
     raise _no_params_error()
@@ -347,10 +350,7 @@ def _build(model, variables, input_shape, input_dtype, apply_kwargs, strict):
     path: math.prod(np.shape(leaf))
     for path, leaf in _param_leaves(walked.params).items()
   }
-  graph, report = finish_graph(
-    walked.tracer, walked.output_nodes, param_sizes, strict
-  )
-  return graph, report, walked
+  return walked, param_sizes
 
 
 # Traced graphs kept in memory, keyed by model, variables' shapes, input and

@@ -4,6 +4,7 @@ Each fast path must give exactly the graph and report of the plain path
 (trace `model.apply` on given or `model.init`-created variables).
 """
 
+import gc
 import importlib.util
 import math
 import os
@@ -251,14 +252,30 @@ def test_one_trace_single_node_model():
   assert report.num_predicted == 192 * 3
 
 
-def test_model_without_params_rejected_by_one_trace():
-  class NoParams(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return jnp.tanh(x)
+class _NoParams(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(x)
 
+
+def test_model_without_params_rejected_by_one_trace():
   with pytest.raises(ValueError, match="no parameters"):
-    _one_trace_walk(NoParams())
+    _one_trace_walk(_NoParams())
+
+
+def test_build_restores_garbage_collector():
+  assert gc.isenabled()
+  _build(_SingleDense(), cache=False)
+  assert gc.isenabled()
+  with pytest.raises(ValueError, match="no parameters"):
+    _build(_NoParams(), cache=False)
+  assert gc.isenabled()
+  gc.disable()
+  try:
+    _build(_SingleDense(), cache=False)
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
 
 
 # On-disk cache.

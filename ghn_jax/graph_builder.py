@@ -959,15 +959,15 @@ def _leaf_signatures(variables) -> dict[tuple[str, ...], tuple]:
   }
 
 
-def _same_variables(given, created) -> bool:
-  """Check that tracing on `given` would see the `created` variables.
+def _same_variables(given_variables, created_variables) -> bool:
+  """Check that tracing on the given variables would see the created ones.
 
   The parameters must agree exactly. Other given variables must be among
   the created ones with equal shapes and dtypes. Missing ones are created
   by `apply` in either trace, because all collections are mutable.
   """
-  given = _leaf_signatures(dict(given))
-  created = _leaf_signatures(created)
+  given = _leaf_signatures(dict(given_variables))
+  created = _leaf_signatures(created_variables)
   given_params = {k: v for k, v in given.items() if k[0] == "params"}
   created_params = {k: v for k, v in created.items() if k[0] == "params"}
   if given_params != created_params:

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100
   config.eval.num_architectures = 10
-  config.eval.num_batches = 4
-  config.eval.batch_size = 250
+  config.eval.num_batches = 16
+  # The training batch size, so evaluation reuses the compiled op shapes.
+  config.eval.batch_size = config.batch_size
   return config

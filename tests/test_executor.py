@@ -203,3 +203,36 @@ def test_compile_count_stops_growing(ghn_variables):
   assert count == 12
   assert new_compiles == 0
   assert new_buckets < count
+
+
+def test_assembly_and_cotangent_match_autodiff(ghn_variables):
+  """Cutting tensors out and adding their gradients back equals jax.vjp."""
+  batch = executor.prepare_meta_batch(
+    TINY_GHN, [_net("conv_3x3", "sep_conv_3x3", cells=1)]
+  )
+  forward_fn, _ = executor.ghn_functions(TINY_GHN)
+  outputs = forward_fn(ghn_variables, batch.inputs)
+  plans = batch.plans[0]
+
+  got = executor.assemble_network_params(outputs, plans)
+  want, vjp_fn = jax.vjp(
+    lambda out: ghn_lib.assemble_params(out, plans, jnp), outputs
+  )
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  want_leaves = dict(jax.tree_util.tree_leaves_with_path(want))
+  assert len(got_leaves) == len(want_leaves) > 0
+  for path, value in got_leaves:
+    np.testing.assert_array_equal(value, want_leaves[path])
+
+  rng = np.random.default_rng(0)
+  grads = jax.tree_util.tree_map(
+    lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), want
+  )
+  cotangent = executor.outputs_cotangent(outputs, [plans], [grads])
+  (expected,) = vjp_fn(grads)
+  for (path, value), other in zip(
+    jax.tree_util.tree_leaves_with_path(cotangent),
+    jax.tree_util.tree_leaves(expected),
+    strict=True,
+  ):
+    np.testing.assert_allclose(value, other, atol=1e-5, err_msg=str(path))

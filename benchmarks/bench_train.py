@@ -45,6 +45,12 @@ REPEATS = 3
 ORIGINAL_ITERATION_SECONDS = 35.7
 ORIGINAL_ARCHS_PER_SECOND = META_BATCH / ORIGINAL_ITERATION_SECONDS
 ORIGINAL_MB1_ITERATION_SECONDS = 3.18
+# The original's split of its meta-batch-8 iteration (medians, seconds).
+ORIGINAL_PHASE_SECONDS = {
+  "GHN forward": 4.49,
+  "networks forward + backward": 9.80 + 14.68,
+  "GHN backward": 4.25,
+}
 
 
 def _step(state, update_fn, ghn_config, batch, images, labels):
@@ -54,6 +60,34 @@ def _step(state, update_fn, ghn_config, batch, images, labels):
   state = update_fn(state, grads)
   jax.block_until_ready(state.params)
   return state, float(loss)
+
+
+def _phase_times(state, ghn_config, batch, images, labels) -> dict[str, float]:
+  """Time the phases of one step: GHN forward, networks, GHN backward."""
+  forward_fn, backward_fn = executor.ghn_functions(ghn_config)
+  times = {}
+  start = time.perf_counter()
+  outputs = jax.block_until_ready(forward_fn(state.params, batch.inputs))
+  times["GHN forward"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  params_list = [
+    executor.assemble_network_params(outputs, p) for p in batch.plans
+  ]
+
+  def loss_fn(params_list):
+    return executor.networks_loss(params_list, batch.networks, images, labels)
+
+  (_, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params_list)
+  cotangent = jax.block_until_ready(
+    executor.outputs_cotangent(outputs, batch.plans, grads)
+  )
+  times["networks forward + backward"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  jax.block_until_ready(backward_fn(state.params, batch.inputs, cotangent))
+  times["GHN backward"] = time.perf_counter() - start
+  return times
 
 
 def run() -> list[tuple[str, float, str, float | None]]:
@@ -86,8 +120,23 @@ def run() -> list[tuple[str, float, str, float | None]]:
     state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
     times.append(time.perf_counter() - start)
   iteration = statistics.median(times)
+  phases = _phase_times(state, ghn_config, batch, images, labels)
+  phase_rows = [
+    (f"  of which {name} (one run)", value, "s", ORIGINAL_PHASE_SECONDS[name])
+    for name, value in phases.items()
+  ]
 
   # A stream of distinct architectures, compilations included.
+  if num_archs <= 0:
+    return [
+      (
+        "meta-train iteration, meta-batch 8, batch 64 (compiled signatures)",
+        iteration,
+        "s",
+        ORIGINAL_ITERATION_SECONDS,
+      ),
+      *phase_rows,
+    ]
   for _ in range(warmup):
     ids, configs = next(stream)
     batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
@@ -110,6 +159,7 @@ def run() -> list[tuple[str, float, str, float | None]]:
       "s",
       ORIGINAL_ITERATION_SECONDS,
     ),
+    *phase_rows,
     (
       f"meta-train throughput over {seen} new architectures",
       seen / elapsed,

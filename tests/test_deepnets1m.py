@@ -399,3 +399,8 @@ def test_classifier_dropout_only_when_training():
     params, x, train=True, rngs={"dropout": jax.random.key(2)}
   )
   assert not np.allclose(train_logits, eval_logits)
+
+
+def test_config_rejects_msa_with_fewer_channels_than_heads():
+  with pytest.raises(ValueError, match="channels=4 is too few for the msa"):
+    NetConfig(genotype=genotypes_lib.VIT, channels=4)

@@ -40,6 +40,9 @@ _NET_ARGS_TO_FIELDS = {
   "fc_dim": "fc_dim",
   "glob_avg": "global_pooling",
 }
+# Attention heads of the msa operation (the original's default); the
+# operation needs at least one channel per head.
+MSA_NUM_HEADS = 8
 # Keyword arguments that are accepted but only with these values.
 _UNSUPPORTED_NET_ARGS = {"auxiliary": False, "light": None}
 
@@ -129,6 +132,12 @@ class NetConfig:
         "preprocess=False requires cells that concatenate one state and "
         f"channel_multiplier=1 (got concatenation sizes {concat_sizes} and "
         f"channel_multiplier={self.channel_multiplier}); set preprocess=True."
+      )
+    if self.genotype.has_op("msa") and self.channels < MSA_NUM_HEADS:
+      raise ValueError(
+        f"channels={self.channels} is too few for the msa operation, which "
+        f"has {MSA_NUM_HEADS} attention heads; use at least "
+        f"{MSA_NUM_HEADS} channels or a genotype without msa."
       )
     if self.num_fc_layers > 1 and self.fc_dim < 1:
       raise ValueError(

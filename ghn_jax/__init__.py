@@ -32,6 +32,7 @@ _EXPORTS = {
   "build_graph_with_report": "graph_builder",
   "GraphReport": "graph_builder",
   "UnsupportedLayerWarning": "graph_builder",
+  "clear_cache": "graph_builder",
   "build_deepnets_graph": "graph_deepnets",
   "graph_to_graphs_tuple": "jraph_utils",
   "graphs_to_padded_batch": "jraph_utils",
@@ -55,6 +56,16 @@ _EXPORTS = {
   "load_ghn": "ghn",
   "load_torch_ghn": "checkpoint_import",
   "convert_checkpoint": "checkpoint_import",
+  # Meta-training and data.
+  "train_and_evaluate": "train",
+  "TrainState": "train",
+  "load_fashion_mnist": "data",
+  # Evaluation of predicted parameters.
+  "evaluate_networks": "evaluate",
+  "EvalConfig": "evaluate",
+  "SgdConfig": "evaluate",
+  "sgd_steps_equivalent": "evaluate",
+  "compare_finetuning": "evaluate",
   # DeepNets-1M architectures.
   "Network": "deepnets1m",
   "NetConfig": "deepnets1m",

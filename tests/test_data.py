@@ -155,3 +155,28 @@ def test_center_crop_small_image():
 def test_tfds_missing_dataset_names_tf_extra(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"ghn_jax\[tf\]"):
     pipeline.load_tfds_source("cifar10", "train", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("subdir", ["", "missing"])
+def test_tfds_unprepared_dir_says_how(tmp_path, subdir):
+  data_dir = str(tmp_path / subdir) if subdir else str(tmp_path)
+  with pytest.raises(FileNotFoundError) as info:
+    pipeline.load_source("cifar10", "test", data_dir)
+  message = str(info.value)
+  assert "'cifar10'" in message
+  assert data_dir in message
+  assert "tfds build cifar10" in message
+  assert "download_and_prepare()" in message
+  assert "--data-dir" in message
+
+
+def test_tfds_default_dir_empty_splits(tmp_path, monkeypatch):
+  # With no data_dir, TFDS reads its built-in metadata of cifar10 and fails
+  # with "splits is empty" (a KeyError) unless the error is translated.
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with pytest.raises(FileNotFoundError) as info:
+    pipeline.load_source("cifar10", "test", None)
+  assert isinstance(info.value.__cause__, KeyError)
+  assert str(tmp_path) in str(info.value)
+  assert "tfds build cifar10" in str(info.value)

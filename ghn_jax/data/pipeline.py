@@ -19,10 +19,13 @@ from absl import logging
 from ghn_jax.data import augment, fashion_mnist
 
 CIFAR_PADDING = 4
-_TFDS_INSTALL_HINT = (
-  "Preparing a TFDS dataset needs TensorFlow: `pip install ghn_jax[tf]`, "
-  "or prepare it elsewhere in the array_record format and pass its "
-  "`data_dir`."
+_TFDS_PREPARE_HINT = (
+  "To prepare it: `pip install ghn_jax[tf]` (TensorFlow), then "
+  "`tfds build {name} --data_dir={data_dir} --file_format=array_record` or "
+  "`tfds.builder({name!r}, data_dir={data_dir!r}, "
+  "file_format='array_record').download_and_prepare()` in Python. If it is "
+  "prepared elsewhere, pass that folder as the data dir (`--data-dir` of "
+  "the experiment scripts, `config.data_dir` of meta-training)."
 )
 
 
@@ -115,7 +118,7 @@ def load_tfds_source(
 
   Raises:
     FileNotFoundError: if the dataset is not prepared and TensorFlow is
-      missing.
+      missing; the message says how to prepare it.
   """
   import tensorflow_datasets as tfds
 
@@ -128,13 +131,18 @@ def load_tfds_source(
     FileNotFoundError,
     # Raised when only a TFRecord copy of the dataset exists.
     NotImplementedError,
+    # Raised as "splits is empty" when TFDS finds the dataset's metadata
+    # (for example its built-in copy) but no prepared split.
+    KeyError,
   ) as error:
     try:
       import tensorflow  # noqa: F401
     except ImportError:
+      resolved_dir = data_dir or tfds.core.constants.DATA_DIR
+      hint = _TFDS_PREPARE_HINT.format(name=name, data_dir=resolved_dir)
       raise FileNotFoundError(
         f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
-        f"data_dir={data_dir!r}. {_TFDS_INSTALL_HINT}"
+        f"data dir {resolved_dir!r}. {hint}"
       ) from error
 
   logging.info("Preparing TFDS dataset %s in %s.", name, data_dir)

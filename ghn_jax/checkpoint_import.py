@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import zipfile
 from collections.abc import Callable, Mapping
@@ -168,9 +169,15 @@ def read_torch_checkpoint(path: str) -> Any:
     The unpickled object (dicts, lists, numbers, strings, NumPy arrays).
 
   Raises:
+    FileNotFoundError: if `path` does not exist.
     ValueError: if the file is not a zip archive with a `data.pkl`, or the
       pickle refers to anything but tensors (never executes its code).
   """
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"checkpoint file not found: {path}; pass the path of a .pt file "
+      "written by torch.save."
+    )
   if not zipfile.is_zipfile(path):
     raise ValueError(
       f"{path} is not a zip archive: expected a checkpoint written by "

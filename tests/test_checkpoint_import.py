@@ -187,6 +187,14 @@ def test_file_that_is_not_zip(tmp_path):
     checkpoint_import.read_torch_checkpoint(str(path))
 
 
+def test_missing_file_is_not_found(tmp_path):
+  path = tmp_path / "missing.pt"
+  with pytest.raises(FileNotFoundError, match="not found") as info:
+    checkpoint_import.read_torch_checkpoint(str(path))
+  assert str(path) in str(info.value)
+  assert "zip" not in str(info.value)
+
+
 def test_zip_without_pickle(tmp_path):
   path = tmp_path / "other.zip"
   with zipfile.ZipFile(path, "w") as archive:

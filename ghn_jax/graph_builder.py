@@ -37,8 +37,8 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import types
+import uuid
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -696,12 +696,13 @@ def _save_cached_graph(
       ),
     }
     entry.path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so that readers never see a partial file.
-    with tempfile.NamedTemporaryFile(
-      dir=entry.path.parent, suffix=".tmp", delete=False
-    ) as f:
+    # Write then rename, so that readers never see a partial file. Opening
+    # a unique name with mode "x" (not tempfile, which creates files with
+    # mode 0o600) gives the file the usual 0o666 minus the umask.
+    tmp = entry.path.with_name(f"{entry.path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "xb") as f:
       np.savez(f, **arrays)
-    os.replace(f.name, entry.path)
+    os.replace(tmp, entry.path)
   except OSError as e:
     logging.warning("Could not write the graph cache %s: %s", entry.path, e)
 

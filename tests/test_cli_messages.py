@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import stat
 import subprocess
 import sys
+import warnings
 
+import flax.linen as nn
 import pytest
 
+from ghn_jax import graph_builder
 from ghn_jax.deepnets1m import dataset as dataset_lib
 from ghn_jax.deepnets1m import sampler as sampler_lib
 
@@ -24,6 +29,18 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     timeout=COMMAND_TIMEOUT_S,
     cwd=REPO,
   )
+
+
+@pytest.fixture
+def umask_027():
+  """Set the umask to 0o027 for one test, so modes differ from mkstemp's."""
+  previous = os.umask(0o027)
+  yield 0o027
+  os.umask(previous)
+
+
+def _mode(path: pathlib.Path) -> int:
+  return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.mark.parametrize(
@@ -61,3 +78,35 @@ def test_generate_split_lists_valid_splits(tmp_path):
     dataset_lib.generate_split(str(tmp_path), "nope", 2, progress=False)
   for split in sampler_lib.SPLITS:
     assert split in str(info.value)
+
+
+def test_generated_files_follow_umask(tmp_path, umask_027):
+  dataset_lib.generate_split(
+    str(tmp_path), "test", 2, shard_size=1, progress=False
+  )
+  files = sorted(tmp_path.iterdir())
+  names = [path.name for path in files]
+  assert dataset_lib.META_FILE in names
+  assert sum(name.startswith("shard_") for name in names) == 2
+  assert not [name for name in names if name.endswith(".tmp")]
+  for path in files:
+    assert _mode(path) == 0o666 & ~umask_027, path.name
+
+
+class _SingleDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, use_bias=False)(x.reshape(x.shape[0], -1))
+
+
+def test_graph_cache_file_follows_umask(tmp_path, umask_027):
+  graph_builder.clear_cache()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", graph_builder.UnsupportedLayerWarning)
+    graph_builder.build_graph_with_report(
+      _SingleDense(), input_shape=(1, 4), cache_dir=tmp_path
+    )
+  files = list(tmp_path.iterdir())
+  assert len(files) == 1
+  assert files[0].suffix == ".npz"
+  assert _mode(files[0]) == 0o666 & ~umask_027

@@ -24,8 +24,8 @@ import multiprocessing
 import os
 import queue
 import sys
-import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -160,12 +160,20 @@ def decode_config(arrays: dict[str, np.ndarray], row: int) -> NetConfig:
   )
 
 
+def _temporary_path(path: str) -> str:
+  """Return a unique name next to `path` for a file to rename into place.
+
+  Unlike `tempfile.mkstemp`, which creates files with mode 0o600, a file
+  opened under this name with mode "x" gets the usual 0o666 minus the umask.
+  """
+  return f"{path}.{uuid.uuid4().hex}.tmp"
+
+
 def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
   """Write an npz file under a temporary name, then rename it into place."""
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  tmp = _temporary_path(path)
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
   except BaseException:
@@ -252,8 +260,8 @@ def _write_meta(directory: str, meta: dict[str, Any]) -> None:
         f"or the same settings ({ {k: meta[k] for k in keys} }) to resume."
       )
     return
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
+  tmp = _temporary_path(path)
+  with open(tmp, "x") as f:
     json.dump(meta, f, indent=1)
   os.replace(tmp, path)
 

@@ -254,16 +254,28 @@ def primitive_counts(graph: graph_lib.Graph) -> Mapping[str, int]:
   }
 
 
-def main(argv: list[str]) -> None:
-  """Draw a zoo model's graph: `python -m ghn_jax.plot_graph --model=...`."""
+def main(argv: list[str]) -> int:
+  """Draw a zoo model's graph: `python -m ghn_jax.plot_graph --model=...`.
+
+  Returns:
+    The exit status: 0 on success, 1 for an unknown model name.
+  """
   del argv
+  import sys
+
   from absl import flags
 
   from ghn_jax import graph_builder, zoo
 
-  model, shape = zoo.create_model(flags.FLAGS.model)
+  try:
+    model, shape = zoo.create_model(flags.FLAGS.model)
+  except ValueError as e:
+    # The message names the valid models; a traceback would only hide it.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   graph = graph_builder.build_graph(model, input_shape=shape)
   plot_graph(graph, flags.FLAGS.output, title=flags.FLAGS.title or None)
+  return 0
 
 
 if __name__ == "__main__":

@@ -110,3 +110,20 @@ def test_graph_cache_file_follows_umask(tmp_path, umask_027):
   assert len(files) == 1
   assert files[0].suffix == ".npz"
   assert _mode(files[0]) == 0o666 & ~umask_027
+
+
+def test_plot_graph_unknown_model_one_line(tmp_path):
+  result = _run(
+    [
+      "-m",
+      "ghn_jax.plot_graph",
+      "--model=nosuch",
+      f"--output={tmp_path / 'graph.png'}",
+    ]
+  )
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert "'nosuch'" in lines[0]
+  assert "resnet50" in lines[0]
+  assert not (tmp_path / "graph.png").exists()

@@ -34,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ghn_jax import evaluate  # noqa: E402
-from ghn_jax.eval import checkpoint, datasets, networks, report  # noqa: E402
+from ghn_jax.eval import checkpoint, cli, datasets, networks, report  # noqa: E402
 
 DEFAULT_CKPT = os.path.join("workdir", "cpu_default")
 DEFAULT_NUM_NETS = 1
@@ -74,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
   """Build the command-line parser."""
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=cli.DefaultsHelpFormatter,
   )
   parser.add_argument(
     "--ckpt",
     default=DEFAULT_CKPT,
     help="GHN checkpoint: a ghn_jax checkpoint directory (as written by "
-    "`make meta-train`), or an original GHN-2 .pt file, converted on the fly.",
+    "`make meta-train`), a GHN .npz file (as written by "
+    "ghn_jax.ghn.save_ghn), or an original GHN-2 .pt file, converted on the "
+    "fly.",
   )
   parser.add_argument(
     "--dataset",
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="output folder for results.json, results.md and the PNGs "
     f"(default: <ckpt>/{EVAL_SUBDIR}_<dataset>, or "
-    f"workdir/{EVAL_SUBDIR}_<dataset> for a .pt file).",
+    f"workdir/{EVAL_SUBDIR}_<dataset> for a checkpoint file).",
   )
   parser.add_argument(
     "--no-progress", action="store_true", help="hide the progress bar."

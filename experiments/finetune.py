@@ -27,7 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ghn_jax import evaluate, plots  # noqa: E402
-from ghn_jax.eval import checkpoint, datasets, networks, report  # noqa: E402
+from ghn_jax.eval import checkpoint, cli, datasets, networks, report  # noqa: E402
 
 DEFAULT_CKPT = os.path.join("workdir", "cpu_default")
 DEFAULT_STEPS = 20
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
   """Build the command-line parser."""
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=cli.DefaultsHelpFormatter,
   )
   parser.add_argument(
     "--ckpt",
@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     choices=datasets.EVAL_DATASETS,
     help="images: fashion_mnist (offline) or cifar10 (prepared TFDS).",
   )
-  parser.add_argument("--data-dir", default=None, help="dataset folder.")
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help="dataset folder (default: the dataset's standard location).",
+  )
   parser.add_argument(
     "--split",
     default="test",

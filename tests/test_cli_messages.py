@@ -127,3 +127,15 @@ def test_plot_graph_unknown_model_one_line(tmp_path):
   assert "'nosuch'" in lines[0]
   assert "resnet50" in lines[0]
   assert not (tmp_path / "graph.png").exists()
+
+
+@pytest.mark.parametrize("script", ["eval_cifar.py", "finetune.py"])
+def test_help_shows_no_none_default(script):
+  result = _run([str(EXPERIMENTS / script), "--help"])
+  assert result.returncode == 0, result.stderr
+  # argparse wraps the help text, so compare with single spaces.
+  text = " ".join(result.stdout.split())
+  assert "(default: None)" not in text
+  assert "a GHN .npz file" in text
+  assert "(default: <ckpt>/" in text
+  assert "(default: the dataset's standard location)" in text

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     seed=args.seed,
   )
   print(
-    f"Evaluating {len(specs)} networks on {data.name} "
+    f"Evaluating {report.count_noun(len(specs), 'network')} on {data.name} "
     f"({datasets.DATASET_DESCRIPTIONS[data.name]}; {len(data.test)} test "
     f"images) with the GHN from {args.ckpt}"
   )

@@ -15,6 +15,7 @@ import pytest
 from ghn_jax import graph_builder
 from ghn_jax.deepnets1m import dataset as dataset_lib
 from ghn_jax.deepnets1m import sampler as sampler_lib
+from ghn_jax.eval import report
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -139,3 +140,43 @@ def test_help_shows_no_none_default(script):
   assert "a GHN .npz file" in text
   assert "(default: <ckpt>/" in text
   assert "(default: the dataset's standard location)" in text
+
+
+def test_count_noun_singular_and_plural():
+  assert report.count_noun(1, "network") == "1 network"
+  assert report.count_noun(0, "network") == "0 networks"
+  assert report.count_noun(2, "network") == "2 networks"
+
+
+def _results(top1: list[float]) -> dict:
+  """Return the minimal results dict that `format_split_table` reads."""
+  n = len(top1)
+  mean = sum(top1) / n
+  std = 0.0
+  if n > 1:
+    std = (sum((a - mean) ** 2 for a in top1) / (n - 1)) ** 0.5
+  summary = {"n": n, "mean": mean, "std": std, "se": 0.0}
+  return {
+    "meta": {"bn_calibrate": 0},
+    "summary": {
+      "splits": {
+        "test": {
+          "num_params": {"n": n, "mean": 1000.0},
+          "ghn_top1": summary,
+          "random_top1": summary,
+          "predict_seconds": {"mean": 0.5},
+        }
+      }
+    },
+  }
+
+
+def test_split_table_one_network_has_no_std():
+  row = report.format_split_table(_results([0.031])).splitlines()[-1]
+  assert "+-" not in row
+  assert "| 3.1 |" in row
+
+
+def test_split_table_two_networks_has_std():
+  row = report.format_split_table(_results([0.2, 0.4])).splitlines()[-1]
+  assert "| 30.0 +- 14.1 |" in row

@@ -33,13 +33,24 @@ def write_json(results: Mapping[str, Any], path: str) -> None:
     f.write("\n")
 
 
+def count_noun(count: int, noun: str) -> str:
+  """Format a count with a noun in singular or plural, e.g. '1 network'."""
+  return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _percent(summary: Mapping[str, Any] | None) -> str:
-  """Format a summary of accuracies as 'mean +- std' in percent."""
+  """Format a summary of accuracies as 'mean +- std' in percent.
+
+  Only the mean is shown for one network, which has no standard deviation.
+  """
   if not summary or not summary.get("n") or summary["mean"] is None:
     return "-"
   if not math.isfinite(summary["mean"]):
     return "-"
-  return f"{100 * summary['mean']:.1f} +- {100 * summary['std']:.1f}"
+  mean = f"{100 * summary['mean']:.1f}"
+  if summary["n"] == 1:
+    return mean
+  return f"{mean} +- {100 * summary['std']:.1f}"
 
 
 def _value(value: Any, scale: float = 1.0, digits: int = 1) -> str:
@@ -161,7 +172,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
       else ""
     ),
     "",
-    "## Per split (mean +- std over networks)",
+    "## Per split (mean +- std over networks, only the mean for one)",
     "",
     format_split_table(results),
     "",
@@ -171,7 +182,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
     lines += [
       "## SGD from random initialisation",
       "",
-      f"{sgd['num_nets']} network(s); mean top-1 % after "
+      f"{count_noun(sgd['num_nets'], 'network')}; mean top-1 % after "
       + ", ".join(
         f"{k} steps: {100 * a:.1f}"
         for k, a in zip(sgd["steps"], sgd["mean_top1"], strict=True)

@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ghn_jax import evaluate, plots  # noqa: E402
 from ghn_jax.eval import checkpoint, cli, datasets, networks, report  # noqa: E402
+from ghn_jax.train.checkpoint import quiet_library_logging  # noqa: E402
+
+quiet_library_logging()
 
 DEFAULT_CKPT = os.path.join("workdir", "cpu_default")
 DEFAULT_STEPS = 20

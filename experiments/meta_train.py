@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ghn_jax.train import train_and_evaluate
+from ghn_jax.train import checkpoint, train_and_evaluate
 
 _CONFIG_DIR = os.path.normpath(
   os.path.join(os.path.dirname(__file__), "..", "ghn_jax", "configs")
@@ -125,6 +125,7 @@ def main(argv):
   if _PRINT_CONFIG.value:
     print(_CONFIG.value)
     return
+  checkpoint.quiet_library_logging()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   if _COMPILATION_CACHE.value:

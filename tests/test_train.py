@@ -268,3 +268,47 @@ def test_top1_accuracy_of_stacked_logits():
 def test_global_norm_matches_optax():
   grads = {"a": jnp.ones(3), "b": {"c": jnp.full((2,), 2.0)}}
   np.testing.assert_allclose(loop._global_norm(grads), optax.tree.norm(grads))
+
+
+def _metrics_row(step: int) -> dict:
+  return {
+    "step": step,
+    "loss": 2.5 / step,
+    "top1": 0.125 * step,
+    "grad_norm": 1.0,
+    "learning_rate": 0.001,
+    "steps_per_sec": 3.0,
+    "archs_per_sec": 12.0,
+    "compile_count": 640 + step,
+    "skipped_steps": 0,
+  }
+
+
+def test_csv_writer_resume_keeps_row_text(tmp_path):
+  writer = metrics.CsvWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(_metrics_row(step))
+  path = os.path.join(tmp_path, metrics.METRICS_FILE)
+  with open(path) as f:
+    original = f.read().splitlines()
+
+  resumed = metrics.CsvWriter(str(tmp_path), start_step=2)
+  with open(path) as f:
+    kept = f.read().splitlines()
+  assert kept == original[:3]
+  assert kept[1].startswith("1,")
+  assert kept[1].endswith(",641,0")
+  assert os.listdir(tmp_path) == [metrics.METRICS_FILE]
+
+  resumed.write(_metrics_row(3))
+  with open(path) as f:
+    assert f.read().splitlines() == original
+
+
+def test_csv_writer_resume_at_zero(tmp_path):
+  writer = metrics.CsvWriter(str(tmp_path))
+  writer.write(_metrics_row(1))
+  metrics.CsvWriter(str(tmp_path), start_step=0)
+  with open(os.path.join(tmp_path, metrics.METRICS_FILE)) as f:
+    lines = f.read().splitlines()
+  assert lines == [",".join(metrics.FIELDS)]

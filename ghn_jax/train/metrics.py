@@ -50,19 +50,25 @@ class RunningMean:
 class CsvWriter:
   """Append rows of `FIELDS` to `metrics.csv` in the run directory.
 
-  A resumed run keeps the rows up to its checkpoint step and appends after
-  them.
+  A resumed run keeps the rows up to its checkpoint step, with their
+  original text, and appends after them.
   """
 
   def __init__(self, workdir: str, start_step: int = 0):
     self.path = os.path.join(workdir, METRICS_FILE)
-    rows = read_metrics(self.path) if os.path.exists(self.path) else []
-    rows = [r for r in rows if r["step"] <= start_step]
-    with open(self.path, "w", newline="") as f:
+    rows = []
+    if os.path.exists(self.path):
+      with open(self.path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if float(r["step"]) <= start_step]
+    # Write a temporary file and rename it, so that an interrupted rewrite
+    # leaves the previous file intact.
+    temp_path = self.path + ".tmp"
+    with open(temp_path, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=FIELDS)
       writer.writeheader()
       for row in rows:
-        writer.writerow({k: row[k] for k in FIELDS})
+        writer.writerow({k: row.get(k) or "" for k in FIELDS})
+    os.replace(temp_path, self.path)
 
   def write(self, row: dict[str, float]) -> None:
     with open(self.path, "a", newline="") as f:

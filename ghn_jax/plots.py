@@ -17,6 +17,9 @@ FIGURE_DPI = 120
 STRIP_JITTER = 0.08
 SOURCE_COLORS = {"ghn": "tab:blue", "random": "tab:gray", "sgd": "tab:orange"}
 SOURCE_LABELS = {"ghn": "GHN prediction", "random": "random init"}
+# Space added beyond a reference line that widens the y range, as a fraction
+# of the range.
+Y_MARGIN = 0.05
 
 
 def _save(fig: plt.Figure, path: str) -> str:
@@ -28,6 +31,23 @@ def _save(fig: plt.Figure, path: str) -> str:
   return path
 
 
+def include_level(ax: plt.Axes, level: float) -> None:
+  """Widen the y range of `ax` so that the horizontal line at `level` shows.
+
+  Matplotlib stops autoscaling an axis once a limit is set (the plots set
+  the bottom to 0), so a line outside the range would be clipped.
+  """
+  bottom, top = ax.get_ylim()
+  if bottom < level < top:
+    return
+  low, high = min(bottom, level), max(top, level)
+  margin = Y_MARGIN * (high - low)
+  ax.set_ylim(
+    low - margin if level <= bottom else bottom,
+    high + margin if level >= top else top,
+  )
+
+
 def _finish_axes(
   ax: plt.Axes, title: str, chance: float | None, legend_outside: bool = False
 ) -> None:
@@ -36,6 +56,7 @@ def _finish_axes(
     ax.axhline(
       100 * chance, color="black", linestyle=":", linewidth=1, label="chance"
     )
+    include_level(ax, 100 * chance)
   if legend_outside:
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1))
   else:

@@ -5,10 +5,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from ghn_jax import evaluate, nn_ops
+from ghn_jax import evaluate, nn_ops, plots
 from ghn_jax.eval import batch_norm
 
 
@@ -353,3 +354,40 @@ def test_flax_batch_norm_collect_and_apply(use_jit):
     apply_fn(variables["params"], images, variables["batch_stats"]),
     apply_fn(variables["params"], images, None),
   )
+
+
+def _captured_axes(monkeypatch):
+  figures = []
+
+  def keep_figure(fig, path):
+    figures.append(fig)
+    return path
+
+  monkeypatch.setattr(plots, "_save", keep_figure)
+  return figures
+
+
+@pytest.mark.parametrize("accuracy", [0.02, 0.5])
+def test_accuracy_by_split_shows_chance(monkeypatch, tmp_path, accuracy):
+  figures = _captured_axes(monkeypatch)
+  records = [
+    {"split": split, "ghn": {"top1": accuracy}, "random": {"top1": accuracy}}
+    for split in ("test", "wide")
+  ]
+  chance = 0.1
+  plots.plot_accuracy_by_split(records, str(tmp_path / "a.png"), chance=chance)
+  bottom, top = figures[0].axes[0].get_ylim()
+  assert bottom == 0
+  assert top > 100 * chance
+  assert top >= 100 * accuracy
+
+
+def test_include_level_below_range():
+  fig, ax = plt.subplots()
+  ax.plot([0, 1], [50, 60])
+  ax.set_ylim(40, 70)
+  plots.include_level(ax, 10.0)
+  bottom, top = ax.get_ylim()
+  assert bottom < 10.0
+  assert top == 70
+  plt.close(fig)

@@ -312,3 +312,44 @@ def test_csv_writer_resume_at_zero(tmp_path):
   with open(os.path.join(tmp_path, metrics.METRICS_FILE)) as f:
     lines = f.read().splitlines()
   assert lines == [",".join(metrics.FIELDS)]
+
+
+def test_resumed_config_rejects_model_fields():
+  saved = _tiny_config().to_json()
+  config = _tiny_config()
+  config.arch.meta_batch_size = 2
+  config.ghn.overrides.hid = 16
+  with pytest.raises(ValueError) as info:
+    loop.check_resumed_config(saved, config, "run_dir")
+  message = str(info.value)
+  assert "arch.meta_batch_size: 1 in the checkpoint, 2 now" in message
+  assert "ghn.overrides.hid: 8 in the checkpoint, 16 now" in message
+  assert "new workdir" in message
+
+
+def test_resumed_config_warns_on_schedule_fields(caplog):
+  saved = _tiny_config().to_json()
+  config = _tiny_config()
+  config.num_train_steps = 2 * NUM_STEPS
+  config.eval.num_architectures = 3
+  loop.check_resumed_config(saved, config, "run_dir")
+  warnings = [r.getMessage() for r in caplog.records]
+  assert any("num_train_steps" in m for m in warnings)
+  assert any("eval.num_architectures" in m for m in warnings)
+
+
+def test_resumed_config_same_is_silent(caplog):
+  config = _tiny_config()
+  loop.check_resumed_config(config.to_json(), config, "run_dir")
+  assert caplog.records == []
+
+
+def test_resume_with_changed_ghn_raises(finished_run):
+  workdir, _ = finished_run
+  config = _tiny_config()
+  config.ghn.overrides.hid = 16
+  before = os.path.getmtime(os.path.join(workdir, metrics.METRICS_FILE))
+  with pytest.raises(ValueError, match="ghn.overrides.hid"):
+    _train(config, workdir)
+  after = os.path.getmtime(os.path.join(workdir, metrics.METRICS_FILE))
+  assert after == before

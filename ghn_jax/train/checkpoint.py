@@ -108,3 +108,20 @@ def restore_latest(
   )
   logging.info("Restored checkpoint %d from %s.", step, manager.directory)
   return step, restored["state"], restored["meta"]
+
+
+def restore_latest_meta(
+  manager: ocp.CheckpointManager,
+) -> dict[str, Any] | None:
+  """Restore only the JSON metadata of the latest checkpoint.
+
+  Returns:
+    The metadata, or None if the directory has no checkpoint.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(
+    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  )
+  return restored["meta"]

@@ -46,6 +46,22 @@ GHN_PRESETS = {
 GHN_FILE = "ghn.npz"
 EVAL_FILE = "eval_summary.json"
 _OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
+# Config fields (and groups of fields) that a resumed run may change: they
+# set only the schedule length, logging, checkpointing, where the data is
+# read from, the device count and the final evaluation. Changing any other
+# field would change the trained GHN or its image or architecture stream.
+RESUMABLE_FIELDS = (
+  "num_train_steps",
+  "num_epochs",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "max_checkpoints_to_keep",
+  "max_nonfinite_steps",
+  "num_devices",
+  "data_dir",
+  "eval",
+)
+_MISSING = "<missing>"
 
 
 @flax.struct.dataclass
@@ -268,6 +284,68 @@ def _checkpoint_meta(config, ghn_config, image_stream, stream) -> dict:
   }
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Flatten nested dicts into a dict keyed by dotted paths."""
+  flat = {}
+  for key, value in tree.items():
+    path = prefix + key
+    if isinstance(value, dict):
+      flat.update(_flatten(value, path + "."))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _is_resumable(field: str) -> bool:
+  return any(
+    field == name or field.startswith(name + ".") for name in RESUMABLE_FIELDS
+  )
+
+
+def check_resumed_config(
+  saved_config_json: str, config: ml_collections.ConfigDict, workdir: str
+) -> None:
+  """Compare a run's config with the one stored in its checkpoint.
+
+  Fields of `RESUMABLE_FIELDS` may differ, each with a logged warning.
+
+  Args:
+    saved_config_json: the config stored in the checkpoint's metadata.
+    config: the config of the resuming run.
+    workdir: the run directory, named in messages.
+
+  Raises:
+    ValueError: if any other field differs, naming the fields.
+  """
+  saved = _flatten(json.loads(saved_config_json))
+  current = _flatten(json.loads(config.to_json()))
+  changed = sorted(
+    field
+    for field in saved.keys() | current.keys()
+    if saved.get(field, _MISSING) != current.get(field, _MISSING)
+  )
+  fixed = [field for field in changed if not _is_resumable(field)]
+  if fixed:
+    differences = "; ".join(
+      f"{field}: {saved.get(field, _MISSING)!r} in the checkpoint, "
+      f"{current.get(field, _MISSING)!r} now"
+      for field in fixed
+    )
+    raise ValueError(
+      f"Cannot resume the run in {workdir!r} with a different config "
+      f"({differences}). These fields change the trained GHN or its data "
+      "streams: use a new workdir, or the checkpoint's values."
+    )
+  for field in changed:
+    logging.warning(
+      "Resuming %s with config field %s changed from %r to %r.",
+      workdir,
+      field,
+      saved.get(field, _MISSING),
+      current.get(field, _MISSING),
+    )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> TrainState:
@@ -287,6 +365,8 @@ def train_and_evaluate(
   Raises:
     RuntimeError: after `config.max_nonfinite_steps` consecutive skipped
       updates, or on out-of-memory (naming the architectures).
+    ValueError: when resuming with a config that differs in a field outside
+      `RESUMABLE_FIELDS`.
   """
   compile_count.install()
   os.makedirs(workdir, exist_ok=True)
@@ -308,6 +388,9 @@ def train_and_evaluate(
   state = create_train_state(ghn_config, optimizer, config.seed)
 
   manager = checkpoint.create_manager(workdir, config.max_checkpoints_to_keep)
+  saved_meta = checkpoint.restore_latest_meta(manager)
+  if saved_meta is not None:
+    check_resumed_config(saved_meta["config"], config, workdir)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     _, state, meta = restored

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 import optax
@@ -353,3 +354,26 @@ def test_resume_with_changed_ghn_raises(finished_run):
     _train(config, workdir)
   after = os.path.getmtime(os.path.join(workdir, metrics.METRICS_FILE))
   assert after == before
+
+
+def test_training_curves_title_and_chance(tmp_path):
+  rows = [_metrics_row(step) for step in (1, 2, 3)]
+  for row in rows:
+    row["top1"] = 0.01
+  figure = metrics.make_curves_figure(rows, "Meta-training on cifar10: run", 10)
+  top1_axis = figure.axes[1]
+  assert figure._suptitle.get_text() == "Meta-training on cifar10: run"
+  assert "training batches" in top1_axis.get_ylabel()
+  chance_lines = [
+    line for line in top1_axis.get_lines() if line.get_label() == "chance"
+  ]
+  assert len(chance_lines) == 1
+  assert list(chance_lines[0].get_ydata()) == [10.0, 10.0]
+  assert top1_axis.get_ylim()[1] > 10.0
+  plt.close(figure)
+
+  run_dir = tmp_path / "my_run"
+  run_dir.mkdir()
+  path = metrics.plot_curves(str(run_dir), rows, "cifar10", 10)
+  assert path == os.path.join(run_dir, metrics.CURVES_FILE)
+  assert os.path.getsize(path) > 0

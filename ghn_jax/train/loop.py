@@ -422,7 +422,10 @@ def train_and_evaluate(
   )
   rows = metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
   if rows:
-    logging.info("Training curves: %s", metrics.plot_curves(workdir, rows))
+    curves_path = metrics.plot_curves(
+      workdir, rows, info.name, info.num_classes
+    )
+    logging.info("Training curves: %s", curves_path)
   if config.eval.num_architectures > 0:
     summary = evaluate_held_out(config, ghn_config, state.params)
     with open(os.path.join(workdir, EVAL_FILE), "w") as f:

@@ -84,8 +84,60 @@ def read_metrics(path: str) -> list[dict[str, float]]:
   return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
 
 
-def plot_curves(workdir: str, rows: Sequence[dict[str, float]]) -> str:
+def make_curves_figure(
+  rows: Sequence[dict[str, float]],
+  title: str = "",
+  num_classes: int | None = None,
+):
+  """Draw loss and top-1 accuracy against step; return the figure.
+
+  Args:
+    rows: rows of `metrics.csv` (`read_metrics`).
+    title: figure title.
+    num_classes: classes of the dataset; if given, the top-1 panel draws
+      the chance level 1 / num_classes.
+
+  Returns:
+    The matplotlib figure, with the loss and top-1 axes.
+  """
+  from matplotlib import pyplot as plt
+
+  from ghn_jax import plots
+
+  steps = [r["step"] for r in rows]
+  figure, (loss_axis, top1_axis) = plt.subplots(1, 2, figsize=(10, 4))
+  loss_axis.plot(steps, [r["loss"] for r in rows])
+  loss_axis.set_xlabel("step")
+  loss_axis.set_ylabel("cross-entropy of predicted networks")
+  top1_axis.plot(steps, [100 * r["top1"] for r in rows], label="training")
+  top1_axis.set_xlabel("step")
+  top1_axis.set_ylabel("top-1 accuracy on training batches (%)")
+  if num_classes:
+    chance = 100 / num_classes
+    top1_axis.axhline(
+      chance, color="black", linestyle=":", linewidth=1, label="chance"
+    )
+    plots.include_level(top1_axis, chance)
+    top1_axis.legend(fontsize="x-small", loc="best")
+  if title:
+    figure.suptitle(title, fontsize="medium")
+  figure.tight_layout()
+  return figure
+
+
+def plot_curves(
+  workdir: str,
+  rows: Sequence[dict[str, float]],
+  dataset: str = "",
+  num_classes: int | None = None,
+) -> str:
   """Plot loss and top-1 accuracy against step into `training_curves.png`.
+
+  Args:
+    workdir: the run directory; its name goes into the title.
+    rows: rows of `metrics.csv` (`read_metrics`).
+    dataset: the dataset name, for the title.
+    num_classes: classes of the dataset, to draw the chance level.
 
   Returns:
     The path of the PNG file.
@@ -95,15 +147,9 @@ def plot_curves(workdir: str, rows: Sequence[dict[str, float]]) -> str:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  steps = [r["step"] for r in rows]
-  figure, (loss_axis, top1_axis) = plt.subplots(1, 2, figsize=(10, 4))
-  loss_axis.plot(steps, [r["loss"] for r in rows])
-  loss_axis.set_xlabel("step")
-  loss_axis.set_ylabel("cross-entropy of predicted networks")
-  top1_axis.plot(steps, [100 * r["top1"] for r in rows])
-  top1_axis.set_xlabel("step")
-  top1_axis.set_ylabel("top-1 accuracy (%)")
-  figure.tight_layout()
+  run_name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+  title = f"Meta-training on {dataset}: {run_name}" if dataset else run_name
+  figure = make_curves_figure(rows, title, num_classes)
   path = os.path.join(workdir, CURVES_FILE)
   figure.savefig(path, dpi=100)
   plt.close(figure)

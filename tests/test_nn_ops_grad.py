@@ -117,7 +117,7 @@ def test_max_pool_gradients_match_autodiff(window, stride, padding, jit):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_max_pool_gradient_goes_to_first_of_tied_inputs(stride):
+def test_max_pool_ties(stride):
   # Many exact ties (relu zeros, repeated values): every output's gradient
   # must go to one input only, the first maximum of its window.
   rng = _rng(4)

@@ -1,6 +1,6 @@
 """Computational graphs of networks, as read by a graph hypernetwork.
 
-A `Graph` holds one network: one node per operation, typed by one of the 15
+A `Graph` describes one network: one node per operation, typed by one of the 15
 GHN-2 primitives, real edges along the data flow, and for each node that owns
 a parameter the path of that parameter in the network's Flax params pytree.
 Shapes are stored in the layout the GHN predicts in (PyTorch's: out, in, h,

@@ -120,7 +120,7 @@ def compile_per_signature(
 
 
 def _on_cpu() -> bool:
-  """Whether arrays live on the CPU backend (hand-written kernels apply)."""
+  """Return whether arrays live on the CPU, where hand-written kernels apply."""
   return jax.default_backend() == "cpu"
 
 
@@ -132,7 +132,7 @@ def _contract_rows(a: Array, b: Array) -> Array:
 def _is_pointwise(
   kernel: Array, stride: tuple[int, int], padding: Padding
 ) -> bool:
-  """Whether a dense conv is a 1x1, stride-1, unpadded one (a matmul)."""
+  """Return whether a dense conv is 1x1, stride 1 and unpadded (a matmul)."""
   return (
     kernel.shape[:2] == (1, 1)
     and stride == (1, 1)

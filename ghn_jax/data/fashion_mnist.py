@@ -91,7 +91,7 @@ def load_fashion_mnist(
   labels = _read_idx(label_file, _IDX_LABELS_MAGIC).astype(np.int32)
   if images.shape[0] != labels.shape[0]:
     raise ValueError(
-      f"{image_file} holds {images.shape[0]} images but {label_file} "
+      f"{image_file} contains {images.shape[0]} images but {label_file} "
       f"holds {labels.shape[0]} labels. Re-install the dataset."
     )
 

@@ -52,7 +52,7 @@ def create_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
 
 
 def all_finite(tree: PyTree) -> bool:
-  """Whether every floating-point leaf of a pytree is finite."""
+  """Return whether every floating-point leaf of a pytree is finite."""
   for leaf in jax.tree_util.tree_leaves(tree):
     leaf = np.asarray(leaf)
     if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
@@ -72,7 +72,7 @@ def save(
   interrupted save leaves no partial checkpoint.
 
   Raises:
-    ValueError: if the state holds a non-finite value (never saved).
+    ValueError: if the state contains a non-finite value (never saved).
   """
   if not all_finite(state):
     raise ValueError(

@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from ghn_jax import graph as graph_lib
-from ghn_jax import graph_tracer
+from ghn_jax import graph_tracer, nn_ops
 from ghn_jax.graph_tracer import ModuleInfo, Node, Tracer
 
 PRIMITIVE_INDEX = graph_lib.PRIMITIVE_INDEX
@@ -192,7 +192,8 @@ def trace_model(
   apply_kwargs.setdefault("rngs", {"dropout": jax.random.key(0)})
 
   def apply_fn(variables, x):
-    with nn.intercept_methods(interceptor):
+    # Fused ops would hide the module calls that the graph is made of.
+    with nn.intercept_methods(interceptor), nn_ops.unfused():
       out = model.apply(variables, x, mutable=True, **apply_kwargs)
     return _first_leaf(out[0])
 
@@ -238,7 +239,7 @@ def trace_model_creating_variables(
     # As in `trace_model`, random values do not matter for the graph.
     rngs = dict(user_rngs) if user_rngs is not None else {"dropout": key}
     rngs.setdefault("params", key)
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), nn_ops.unfused():
       out, variables = model.apply(
         {}, x, rngs=rngs, mutable=True, **apply_kwargs
       )

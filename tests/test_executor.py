@@ -7,7 +7,7 @@ import pytest
 
 from ghn_jax import ghn as ghn_lib
 from ghn_jax import nn_ops
-from ghn_jax.deepnets1m import Genotype, NetConfig
+from ghn_jax.deepnets1m import Genotype, NetConfig, Network
 from ghn_jax.train import compile_count, executor
 
 # A small GHN: the executor does not depend on the GHN's size.
@@ -236,3 +236,43 @@ def test_assembly_and_cotangent_match_autodiff(ghn_variables):
     strict=True,
   ):
     np.testing.assert_allclose(value, other, atol=1e-5, err_msg=str(path))
+
+
+def test_fused_network_equals_unfused():
+  # Separable, double (1x7 then 7x1) and plain conv blocks, the stem's
+  # conv and batch norm, and the 1x1 preprocessing of each cell.
+  config = _net("sep_conv_3x3", "conv_7x1_1x7")
+  network = Network(config)
+  images, labels = _images()
+  params = network.init(jax.random.PRNGKey(1), images)["params"]
+
+  def loss(params):
+    logits = network.apply({"params": params}, images)
+    return executor.cross_entropy(logits, labels), logits
+
+  calls = []
+  block = nn_ops.conv_block.forward_fn
+
+  def count(arrays, static):
+    calls.append(static)
+    return block(arrays, static)
+
+  nn_ops.conv_block.forward_fn = count
+  try:
+    (fused_loss, fused_logits), fused_grads = jax.value_and_grad(
+      loss, has_aux=True
+    )(params)
+  finally:
+    nn_ops.conv_block.forward_fn = block
+  assert calls, "the network ran no fused conv block"
+  with nn_ops.unfused():
+    (loss_value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  np.testing.assert_allclose(fused_logits, logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(fused_loss, loss_value, rtol=1e-5)
+  flat_fused = jax.tree_util.tree_leaves_with_path(fused_grads)
+  flat = dict(jax.tree_util.tree_leaves_with_path(grads))
+  assert len(flat_fused) == len(flat)
+  for path, value in flat_fused:
+    np.testing.assert_allclose(
+      value, flat[path], rtol=1e-4, atol=1e-5, err_msg=str(path)
+    )

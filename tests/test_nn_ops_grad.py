@@ -58,6 +58,12 @@ CONV_CASES = [
   ((2, 8, 8, 3), (7, 7, 3, 2), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
   ((1, 5, 6, 2), (3, 3, 2, 2), (2, 1), ((0, 1), (1, 0)), (1, 1), 1),
   ((2, 6, 6, 4), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
+  # Depthwise, strided and dilated, over several batch chunks.
+  ((8, 9, 9, 3), (5, 5, 1, 3), (2, 2), ((4, 4), (4, 4)), (2, 2), 3),
+  ((3, 7, 8, 2), (3, 3, 1, 2), (1, 2), ((1, 0), (2, 1)), (1, 1), 2),
+  # Kernel gradient by batch chunks: many channels at 32x32, and images.
+  ((2, 32, 32, 80), (3, 3, 80, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+  ((8, 9, 9, 3), (3, 3, 3, 5), (2, 2), ((2, 1), (1, 2)), (2, 1), 1),
 ]
 
 
@@ -136,3 +142,102 @@ def test_max_pool_ties(stride):
   )(ones)
   num_outputs = nn_ops.max_pool(ones, window=3, stride=stride, padding=1).size
   assert float(jnp.sum(grad)) == num_outputs
+
+
+def _conv_block_plain(x, kernel, kernel2, scale, bias, relu, conv, conv2):
+  """`conv_block` as separate wrapped ops."""
+  h = nn_ops.relu(x) if relu else x
+  h = nn_ops.conv2d(h, kernel, **conv._asdict())
+  if kernel2 is not None:
+    h = nn_ops.conv2d(h, kernel2, **conv2._asdict())
+  if scale is not None:
+    h = nn_ops.batch_norm(h, scale, bias)
+  return h
+
+
+BLOCK_CASES = [
+  # (relu, first conv, kernel shape, second conv kernel shape, batch norm)
+  (True, nn_ops.ConvSpec((1, 1), ((1, 1), (1, 1))), (3, 3, 4, 5), None, True),
+  (False, nn_ops.ConvSpec((2, 2), ((2, 2), (2, 2))), (5, 5, 4, 3), None, True),
+  (True, nn_ops.POINTWISE, (1, 1, 4, 6), None, False),
+  (
+    True,
+    nn_ops.ConvSpec((2, 2), ((2, 2), (2, 2)), (2, 2), 4),
+    (3, 3, 1, 4),
+    (1, 1, 4, 6),
+    True,
+  ),
+  (
+    True,
+    nn_ops.ConvSpec((1, 2), ((0, 0), (1, 1))),
+    (1, 3, 4, 4),
+    (3, 1, 4, 5),
+    True,
+  ),
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_conv_block_equals_separate_ops(case, jit):
+  relu, conv, k_shape, k2_shape, norm = case
+  rng = _rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 8, 8, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  arrays = [x, kernel]
+  conv2 = nn_ops.POINTWISE
+  if k2_shape is not None:
+    arrays.append(jnp.asarray(rng.standard_normal(k2_shape), jnp.float32))
+    if k2_shape[:2] == (3, 1):
+      conv2 = nn_ops.ConvSpec((2, 1), ((1, 1), (0, 0)))
+  channels = (k2_shape or k_shape)[-1]
+  if norm:
+    arrays.append(jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32))
+    arrays.append(jnp.asarray(rng.standard_normal(channels), jnp.float32))
+
+  def split(arrays):
+    kernel2 = arrays[2] if k2_shape is not None else None
+    scale, bias = (arrays[-2], arrays[-1]) if norm else (None, None)
+    return arrays[0], arrays[1], kernel2, scale, bias
+
+  def fused(*a):
+    return nn_ops.conv_block(*split(a), relu=relu, conv=conv, conv2=conv2)
+
+  def plain(*a):
+    return _conv_block_plain(*split(a), relu, conv, conv2)
+
+  _check_against_plain(fused, tuple(arrays), jit, plain=plain)
+
+
+def test_conv_block_needs_scale_and_bias_together():
+  x = jnp.ones((1, 4, 4, 2))
+  kernel = jnp.ones((1, 1, 2, 2))
+  with pytest.raises(ValueError, match="only one of scale and bias"):
+    nn_ops.conv_block(x, kernel, scale=jnp.ones(2))
+
+
+def test_backward_skips_inputs_that_are_not_differentiated(monkeypatch):
+  rng = _rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  backward = nn_ops.conv2d.backward_fn
+  requested = []
+
+  def spy(arrays, static, wrt, residuals, cotangent):
+    requested.append(wrt)
+    return backward(arrays, static, wrt, residuals, cotangent)
+
+  monkeypatch.setattr(nn_ops.conv2d, "backward_fn", spy)
+
+  def loss(x, kernel):
+    return jnp.sum(jnp.sin(nn_ops.conv2d(x, kernel)))
+
+  def plain_loss(x, kernel):
+    return jnp.sum(jnp.sin(nn_ops.conv2d.__wrapped__(x, kernel)))
+
+  got = jax.grad(loss, argnums=1)(x, kernel)
+  assert requested == [(False, True)]
+  want = jax.grad(plain_loss, argnums=1)(x, kernel)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  jax.grad(loss, argnums=(0, 1))(x, kernel)
+  assert requested[-1] == (True, True)

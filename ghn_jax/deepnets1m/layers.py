@@ -10,7 +10,7 @@ excitation, pooling) carry the type of the op node they form.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -170,6 +170,78 @@ def _same_padding(kernel: int, dilation: int = 1) -> nn_ops.Padding:
   return ((pad, pad), (pad, pad))
 
 
+class ConvStep(NamedTuple):
+  """One conv of `conv_steps`: its module class, name, size and settings."""
+
+  module: type[Conv]
+  name: str
+  features: int
+  kernel_size: tuple[int, int]
+  spec: nn_ops.ConvSpec = nn_ops.POINTWISE
+
+
+def conv_steps(
+  parent: nn.Module,
+  x: jax.Array,
+  convs: tuple[ConvStep, ...],
+  norm_name: str | None,
+  relu: bool,
+) -> jax.Array:
+  """Apply ReLU (optional), one or two convs and batch norm (optional).
+
+  The parameters live in child modules (`Conv` and `BatchNorm`, named as
+  given), so the parameter tree and the GHN's graph are those of the
+  separate steps. Once the parameters exist (not while they are created)
+  and unless `nn_ops.unfused` is active, the steps run as one
+  `nn_ops.conv_block`, reading the children's parameters directly.
+
+  Args:
+    parent: the calling module (inside its compact `__call__`).
+    x: the input.
+    convs: one or two convs, applied in order.
+    norm_name: name of the BatchNorm child, or None for no batch norm.
+    relu: apply ReLU to `x` first.
+
+  Returns:
+    The output.
+  """
+  names = [step.name for step in convs]
+  if norm_name is not None:
+    names.append(norm_name)
+  params = parent.variables.get("params", {})
+  if nn_ops.fusion_enabled() and all(name in params for name in names):
+    kernels = [params[step.name]["kernel"] for step in convs]
+    scale = bias = None
+    if norm_name is not None:
+      scale, bias = params[norm_name]["scale"], params[norm_name]["bias"]
+    second = convs[1].spec if len(convs) > 1 else nn_ops.POINTWISE
+    return nn_ops.conv_block(
+      x,
+      kernels[0],
+      kernels[1] if len(convs) > 1 else None,
+      scale,
+      bias,
+      relu=relu,
+      conv=convs[0].spec,
+      conv2=second,
+    )
+  if relu:
+    x = nn_ops.relu(x)
+  for step in convs:
+    x = step.module(
+      step.features,
+      step.kernel_size,
+      stride=step.spec.stride,
+      padding=step.spec.padding,
+      dilation=step.spec.dilation,
+      groups=step.spec.groups,
+      name=step.name,
+    )(x)
+  if norm_name is not None:
+    x = BatchNorm(name=norm_name)(x)
+  return x
+
+
 class ReLUConvBN(nn.Module):
   """ReLU, conv (k x k, or 1 x k then k x 1 when `double`), batch norm."""
 
@@ -182,31 +254,63 @@ class ReLUConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s, pad = self.kernel_size, self.stride, self.kernel_size // 2
-    x = nn_ops.relu(x)
     if self.double:
-      x = Conv(
-        x.shape[-1],
-        (1, k),
-        stride=(1, s),
-        padding=((0, 0), (pad, pad)),
-        name="conv_1xk",
-      )(x)
-      x = Conv(
-        self.features,
-        (k, 1),
-        stride=(s, 1),
-        padding=((pad, pad), (0, 0)),
-        name="conv_kx1",
-      )(x)
+      convs = (
+        ConvStep(
+          Conv,
+          "conv_1xk",
+          x.shape[-1],
+          (1, k),
+          nn_ops.ConvSpec((1, s), ((0, 0), (pad, pad))),
+        ),
+        ConvStep(
+          Conv,
+          "conv_kx1",
+          self.features,
+          (k, 1),
+          nn_ops.ConvSpec((s, 1), ((pad, pad), (0, 0))),
+        ),
+      )
     else:
-      x = Conv(
-        self.features,
-        (k, k),
-        stride=(s, s),
-        padding=((pad, pad), (pad, pad)),
-        name="conv",
-      )(x)
-    return _apply_norm(maybe_batch_norm(self.norm, "bn"), x)
+      convs = (
+        ConvStep(
+          Conv,
+          "conv",
+          self.features,
+          (k, k),
+          nn_ops.ConvSpec((s, s), _same_padding(k)),
+        ),
+      )
+    norm_name = "bn" if self.norm is not None else None
+    return conv_steps(self, x, convs, norm_name, relu=True)
+
+
+def _depthwise_then_pointwise(
+  depthwise: type[Conv],
+  suffix: str,
+  channels: int,
+  features: int,
+  kernel_size: int,
+  stride: int,
+  dilation: int,
+) -> tuple[ConvStep, ConvStep]:
+  """The two convs of a separable (or dilated) conv block."""
+  spec = nn_ops.ConvSpec(
+    (stride, stride),
+    _same_padding(kernel_size, dilation),
+    (dilation, dilation),
+    channels,
+  )
+  return (
+    ConvStep(
+      depthwise,
+      f"depthwise{suffix}",
+      channels,
+      (kernel_size, kernel_size),
+      spec,
+    ),
+    ConvStep(Conv, f"pointwise{suffix}", features, (1, 1)),
+  )
 
 
 class SepConv(nn.Module):
@@ -219,23 +323,16 @@ class SepConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
     channels = x.shape[-1]
     for block, stride, out in (
       (1, self.stride, channels),
       (2, 1, self.features),
     ):
-      x = nn_ops.relu(x)
-      x = SepConvDepthwise(
-        channels,
-        (k, k),
-        stride=(stride, stride),
-        padding=_same_padding(k),
-        groups=channels,
-        name=f"depthwise{block}",
-      )(x)
-      x = Conv(out, (1, 1), name=f"pointwise{block}")(x)
-      x = _apply_norm(maybe_batch_norm(self.norm, f"bn{block}"), x)
+      convs = _depthwise_then_pointwise(
+        SepConvDepthwise, str(block), channels, out, self.kernel_size, stride, 1
+      )
+      norm_name = f"bn{block}" if self.norm is not None else None
+      x = conv_steps(self, x, convs, norm_name, relu=True)
     return x
 
 
@@ -252,20 +349,17 @@ class DilConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    channels = x.shape[-1]
-    x = nn_ops.relu(x)
-    x = DilConvDepthwise(
-      channels,
-      (k, k),
-      stride=(self.stride, self.stride),
-      padding=_same_padding(k, self.dilation),
-      dilation=(self.dilation, self.dilation),
-      groups=channels,
-      name="depthwise",
-    )(x)
-    x = Conv(self.features, (1, 1), name="pointwise")(x)
-    return _apply_norm(maybe_batch_norm(self.norm, "bn"), x)
+    convs = _depthwise_then_pointwise(
+      DilConvDepthwise,
+      "",
+      x.shape[-1],
+      self.features,
+      self.kernel_size,
+      self.stride,
+      self.dilation,
+    )
+    norm_name = "bn" if self.norm is not None else None
+    return conv_steps(self, x, convs, norm_name, relu=True)
 
 
 class FactorizedReduce(nn.Module):

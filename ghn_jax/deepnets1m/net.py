@@ -173,16 +173,16 @@ class SimpleStem(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, pad = self.kernel_size, self.kernel_size // 2
-    x = layers.Conv(
+    k, pad, s = self.kernel_size, self.kernel_size // 2, self.stride
+    conv = layers.ConvStep(
+      layers.Conv,
+      "conv",
       self.features,
       (k, k),
-      stride=(self.stride, self.stride),
-      padding=((pad, pad), (pad, pad)),
-      name="conv",
-    )(x)
-    if self.norm is not None:
-      x = layers.BatchNorm(name="bn")(x)
+      nn_ops.ConvSpec((s, s), ((pad, pad), (pad, pad))),
+    )
+    norm_name = "bn" if self.norm is not None else None
+    x = layers.conv_steps(self, x, (conv,), norm_name, relu=False)
     if self.pool:
       x = layers.MaxPool(POOL_WINDOW, 2, name="pool")(x)
     return x
@@ -199,26 +199,27 @@ class DartsStem0(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, pad, s = self.kernel_size, self.kernel_size // 2, self.stride
-    x = layers.Conv(
+    first = layers.ConvStep(
+      layers.Conv,
+      "conv1",
       self.features // 2,
       (k, k),
-      stride=(s, s),
-      padding=((pad, pad), (pad, pad)),
-      name="conv1",
-    )(x)
-    if self.norm is not None:
-      x = layers.BatchNorm(name="bn1")(x)
-    x = nn_ops.relu(x)
-    x = layers.Conv(
+      nn_ops.ConvSpec((s, s), ((pad, pad), (pad, pad))),
+    )
+    second = layers.ConvStep(
+      layers.Conv,
+      "conv2",
       self.features,
       (3, 3),
-      stride=(s, s),
-      padding=((1, 1), (1, 1)),
-      name="conv2",
-    )(x)
-    if self.norm is not None:
-      x = layers.BatchNorm(name="bn2")(x)
-    return x
+      nn_ops.ConvSpec((s, s), ((1, 1), (1, 1))),
+    )
+    with_norm = self.norm is not None
+    x = layers.conv_steps(
+      self, x, (first,), "bn1" if with_norm else None, relu=False
+    )
+    return layers.conv_steps(
+      self, x, (second,), "bn2" if with_norm else None, relu=True
+    )
 
 
 class DartsStem1(nn.Module):
@@ -229,17 +230,15 @@ class DartsStem1(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn_ops.relu(x)
-    x = layers.Conv(
+    conv = layers.ConvStep(
+      layers.Conv,
+      "conv",
       self.features,
       (3, 3),
-      stride=(2, 2),
-      padding=((1, 1), (1, 1)),
-      name="conv",
-    )(x)
-    if self.norm is not None:
-      x = layers.BatchNorm(name="bn")(x)
-    return x
+      nn_ops.ConvSpec((2, 2), ((1, 1), (1, 1))),
+    )
+    norm_name = "bn" if self.norm is not None else None
+    return layers.conv_steps(self, x, (conv,), norm_name, relu=True)
 
 
 class PatchStem(nn.Module):

@@ -36,7 +36,9 @@ def _replaced_batch_norm(function: Callable) -> Iterator[None]:
   original = nn_ops.batch_norm
   nn_ops.batch_norm = function
   try:
-    yield
+    # Fused blocks normalise inside; every batch norm must be a call.
+    with nn_ops.unfused():
+      yield
   finally:
     nn_ops.batch_norm = original
 

@@ -148,6 +148,7 @@ def run() -> list[tuple[str, float, str, float | None]]:
     ids, configs = next(stream)
     batch = executor.prepare_meta_batch(ghn_config, configs, ids, padder)
     state, _ = _step(state, update_fn, ghn_config, batch, images, labels)
+    compile_count.release_programs_near_map_limit()
     seen += META_BATCH
   elapsed = time.perf_counter() - start
   compiles = compile_count.compile_count() - compiles_before

@@ -276,3 +276,31 @@ def test_fused_network_equals_unfused():
     np.testing.assert_allclose(
       value, flat[path], rtol=1e-4, atol=1e-5, err_msg=str(path)
     )
+
+
+def test_compiled_programs_dropped_near_the_map_limit(monkeypatch):
+  fn = jax.jit(lambda x: x * 3.0 + 1.0)
+  x = jnp.ones(3)
+  fn(x)
+  monkeypatch.setattr(compile_count, "memory_map_limit", lambda: 100)
+  monkeypatch.setattr(compile_count, "memory_map_count", lambda: 69)
+  assert not compile_count.release_programs_near_map_limit()
+  before = compile_count.compile_count()
+  fn(x)
+  assert compile_count.compile_count() == before
+  monkeypatch.setattr(compile_count, "memory_map_count", lambda: 70)
+  assert compile_count.release_programs_near_map_limit()
+  np.testing.assert_allclose(fn(x), [4.0, 4.0, 4.0])
+  assert compile_count.compile_count() == before + 1
+
+
+@pytest.mark.skipif(
+  compile_count.memory_map_count() is None, reason="needs /proc (Linux)"
+)
+def test_memory_map_count_grows_with_compiled_programs():
+  limit = compile_count.memory_map_limit()
+  assert limit is not None and limit > 0
+  before = compile_count.memory_map_count()
+  for size in range(1, 21):
+    jax.jit(lambda x: jnp.sin(x) * 2.0)(jnp.ones(size)).block_until_ready()
+  assert compile_count.memory_map_count() > before

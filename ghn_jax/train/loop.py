@@ -506,6 +506,7 @@ def _train(
     )
     window_steps += 1
     progress.update(1)
+    compile_count.release_programs_near_map_limit()
     if result.ok:
       consecutive_skips = 0
       loss_mean.add(result.loss)

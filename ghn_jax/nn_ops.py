@@ -329,8 +329,13 @@ def _kernel_grad_by_chunks(
         taps.append(contract(window.reshape(g_rows.shape[0], -1), g_rows))
     return total + jnp.stack(taps), None
 
-  first, _ = add_chunk(0.0, (padded[0], rows[0]))
-  total, _ = jax.lax.scan(add_chunk, first, (padded[1:], rows[1:]))
+  tap_shape = jax.eval_shape(
+    contract,
+    jax.ShapeDtypeStruct((rows.shape[1], x.shape[-1]), x.dtype),
+    jax.ShapeDtypeStruct(rows.shape[1:], x.dtype),
+  ).shape
+  initial = jnp.zeros((kernel_hw[0] * kernel_hw[1], *tap_shape), x.dtype)
+  total, _ = jax.lax.scan(add_chunk, initial, (padded, rows))
   return total
 
 

@@ -13,10 +13,11 @@ architectures, and meta-training draws from about a million. Here:
    function keyed on the tensor's shape and layout, with its position in
    the outputs passed as an array, and its gradient is added back into the
    outputs' cotangent in place (buffer donation);
-3. the networks run op by op in Python: the `ghn_jax.nn_ops` functions
-   compile once per signature (see `nn_ops.compile_per_signature`), the
-   glue ops (relu, add, concatenate) dispatch eagerly and JAX caches them
-   per shape.
+3. the networks run block by block in Python: each conv block (ReLU, one
+   or two convs, batch norm) is one `nn_ops.conv_block` call, and it and
+   the other heavy `ghn_jax.nn_ops` functions compile once per signature
+   (see `nn_ops.compile_per_signature`); the glue ops (add, concatenate)
+   dispatch eagerly and JAX caches them per shape.
 
 So the number of compilations is bounded by the number of size buckets and
 op signatures, not by the number of architectures (`compile_count`).

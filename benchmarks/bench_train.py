@@ -16,7 +16,7 @@ persistent compilation cache, then with the cache the first pass filled
 (a resumed or repeated run). The number of distinct architectures is
 `GHN_BENCH_TRAIN_ARCHS` (default 200; 0 skips the stream), after
 `GHN_BENCH_TRAIN_WARMUP` warm-up meta-batches (default 2). On a 2-core CPU
-the two passes over 200 architectures take about 15 minutes.
+the two passes over 200 architectures took about 18 minutes.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """CPU-sized default: a GHN-2 meta-trained on Fashion-MNIST on a CPU.
 
-Its 300 steps took about 23 min on a shared 2-core machine (2026-12-04).
+Its 300 steps took 17 min on an otherwise idle 2-core machine (2026-12-04).
 Small DeepNets-1M training architectures (at most 4 cells, 16
 channels, one classifier width), meta-batch 4, image batch 32. Few distinct
-op shapes occur in this space, so the per-signature compilations stop
-after the first steps. Fashion-MNIST is read from the Debian package
-`dataset-fashion-mnist` (no download), padded to 32x32x3.
+op shapes occur in this space, so new per-signature compilations become
+rare after the first steps (apart from recompiling after compiled programs
+are dropped near the memory-mapping limit). Fashion-MNIST is read from the
+Debian package `dataset-fashion-mnist` (no download), padded to 32x32x3.
 """
 
 import ml_collections

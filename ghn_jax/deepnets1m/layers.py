@@ -294,7 +294,7 @@ def _depthwise_then_pointwise(
   stride: int,
   dilation: int,
 ) -> tuple[ConvStep, ConvStep]:
-  """The two convs of a separable (or dilated) conv block."""
+  """Return the two convs of a separable (or dilated) conv block."""
   spec = nn_ops.ConvSpec(
     (stride, stride),
     _same_padding(kernel_size, dilation),

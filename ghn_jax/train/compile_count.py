@@ -74,7 +74,7 @@ def release_programs_near_map_limit(
 ) -> bool:
   """Drop every compiled program when mappings near the kernel's limit.
 
-  Each compiled XLA CPU program holds its machine code in memory mappings
+  Each compiled XLA CPU program keeps its machine code in memory mappings
   (measured 4-25 per program with jax 0.10). Meta-training compiles one
   program per op signature, thousands in a long run, and at the limit
   (`vm.max_map_count`, 65,530 by default) LLVM cannot map new code and the

@@ -1,5 +1,6 @@
 """Tests of the meta-training executor and the per-signature nn_ops."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,3 +305,16 @@ def test_memory_map_count_grows_with_compiled_programs():
   for size in range(1, 21):
     jax.jit(lambda x: jnp.sin(x) * 2.0)(jnp.ones(size)).block_until_ready()
   assert compile_count.memory_map_count() > before
+
+
+def test_fused_network_reports_wrong_kernel_shape():
+  config = _net("sep_conv_3x3", "conv_3x3")
+  network = Network(config)
+  images, _ = _images()
+  params = network.init(jax.random.PRNGKey(1), images)["params"]
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  path = next(p for p in flat if p.endswith("pointwise1/kernel"))
+  flat[path] = jnp.zeros(flat[path].shape[:-1] + (flat[path].shape[-1] + 1,))
+  broken = flax.traverse_util.unflatten_dict(flat, sep="/")
+  with pytest.raises(flax.errors.ScopeParamShapeError, match="pointwise1"):
+    network.apply({"params": broken}, images)

@@ -180,6 +180,19 @@ class ConvStep(NamedTuple):
   spec: nn_ops.ConvSpec = nn_ops.POINTWISE
 
 
+def _kernels_match(params, convs: tuple[ConvStep, ...], channels: int) -> bool:
+  """Return whether the convs' kernels have the shapes the steps create.
+
+  A mismatch goes to the separate steps, where Flax reports it.
+  """
+  for step in convs:
+    expected = (*step.kernel_size, channels // step.spec.groups, step.features)
+    if params[step.name]["kernel"].shape != expected:
+      return False
+    channels = step.features
+  return True
+
+
 def conv_steps(
   parent: nn.Module,
   x: jax.Array,
@@ -209,7 +222,11 @@ def conv_steps(
   if norm_name is not None:
     names.append(norm_name)
   params = parent.variables.get("params", {})
-  if nn_ops.fusion_enabled() and all(name in params for name in names):
+  if (
+    nn_ops.fusion_enabled()
+    and all(name in params for name in names)
+    and _kernels_match(params, convs, x.shape[-1])
+  ):
     kernels = [params[step.name]["kernel"] for step in convs]
     scale = bias = None
     if norm_name is not None:

@@ -199,10 +199,10 @@ def run() -> list[tuple[str, float, str, float | None]]:
   if num_archs <= 0:
     return rows
 
-  # The same stream of distinct architectures twice, each in a fresh
-  # process: with an empty persistent compilation cache (every new op
-  # signature compiles), then with the cache the first pass filled (what a
-  # resumed or repeated run sees).
+  # The same stream of distinct architectures runs twice, each time in a
+  # fresh process. The first pass starts with an empty persistent
+  # compilation cache, so every new op signature compiles. The second pass
+  # reads the cache the first filled, as a resumed or repeated run does.
   with tempfile.TemporaryDirectory() as cache_dir:
     cold = _stream_in_subprocess(num_archs, warmup, cache_dir)
     warm = _stream_in_subprocess(num_archs, warmup, cache_dir)

@@ -51,9 +51,9 @@ def fusion_enabled() -> bool:
 def unfused() -> Iterator[None]:
   """Make modules call one op per step inside the block.
 
-  Fusion changes no result; what needs the separate steps is code that
-  follows module calls or replaces an op (graph tracing, running batch
-  statistics at evaluation).
+  Fusion changes no result. Code that follows module calls or replaces an
+  op needs the separate steps: graph tracing, and running batch statistics
+  at evaluation.
   """
   token = _FUSION.set(False)
   try:
@@ -96,9 +96,9 @@ def _compiled_op(
   `forward(arrays, static)` returns `(out, residuals)` and
   `backward(arrays, static, residuals, cotangent)` one cotangent per
   array. Both are jitted with `static` as a static argument, and the
-  backward also on `wrt`, the arrays whose cotangent is needed: the others
-  come back as None, so XLA drops their computation (for example the
-  gradient of the input images of a network's first conv).
+  backward is also keyed on `wrt`, the arrays whose cotangent is needed.
+  The others come back as None, so XLA drops their computation (for
+  example the gradient of the input images of a network's first conv).
   """
   signature = inspect.signature(fn)
   static_names = tuple(
@@ -372,9 +372,9 @@ def _uses_chunked_kernel_grad(x: Array, kernel: Array) -> bool:
   """Return whether a dense conv's kernel gradient is faster by chunks.
 
   On CPU, XLA's kernel gradient of a KxK conv measured 3-5x slower than
-  `_dense_kernel_grad` on 32x32 inputs with 80 or more channels, and on
-  inputs with a few channels (the images a network's first conv reads);
-  elsewhere it was as fast or faster.
+  `_dense_kernel_grad` on 32x32 inputs with 80 or more channels. It was
+  also slower on inputs with a few channels (the images a network's first
+  conv reads). Elsewhere it was as fast or faster.
   """
   in_channels = kernel.shape[2]
   large = x.shape[1] * x.shape[2] >= 1024 and in_channels >= 80
@@ -615,9 +615,9 @@ def _conv2d_impl(
   groups: int,
 ) -> Array:
   """Compute `conv2d` (a traceable function, not compiled on its own)."""
-  # XLA's CPU depthwise convolution is slow (measured about 2.7x slower
-  # forward and backward than this sum of shifted slices on a 5x5 dilated
-  # 32-channel conv at batch 64); dense convolutions stay native.
+  # XLA's CPU depthwise convolution measured about 2.7x slower forward and
+  # backward than this sum of shifted slices (5x5 dilated, 32 channels,
+  # batch 64). Dense convolutions stay native.
   if _is_depthwise(x, kernel, groups) and _on_cpu():
     return _depthwise_conv_as_shifts(x, kernel, stride, padding, dilation)
   # XLA's CPU 1x1 convolution measured up to 3x slower than the same matmul.
